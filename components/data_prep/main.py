@@ -1,0 +1,22 @@
+"""data_prep entry point: flags match component.yaml one to one."""
+
+from pathlib import Path
+from typing import Any
+
+from sslpipe.component_cli import run_component
+from sslpipe.steps.data_prep import run_data_prep
+
+
+def main(args: dict[str, Any]) -> None:
+    run_data_prep(
+        ids_dir=args["selection"],
+        blob_uri=args["blob_uri"],
+        output_dir=args["data"],
+        image_size=args["image_size"],
+        concurrency=args["concurrency"],
+        max_skipped_fraction=args["max_skipped_fraction"],
+    )
+
+
+if __name__ == "__main__":
+    run_component(Path(__file__).with_name("component.yaml"), main)

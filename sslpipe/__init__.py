@@ -1,0 +1,1 @@
+"""sslpipe: self-supervised learning pipeline for image catalogs."""

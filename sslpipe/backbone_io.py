@@ -1,0 +1,68 @@
+"""The backbone model folder: weights plus the JSON config that rebuilds the network.
+
+Format ``sslpipe.backbone/v1``::
+
+    backbone.pt    state_dict of the backbone (tensors only; loaded with weights_only=True)
+    backbone.json  {"format", "backbone": BackboneSpec, "feature_dim", "image_size",
+                    "mean", "std", "lineage": {...}}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sslpipe.io import atomic_path, read_json, write_json
+from sslpipe.moco.augment import IMAGENET_MEAN, IMAGENET_STD
+from sslpipe.moco.backbone import BackboneSpec, build_backbone
+
+BACKBONE_FORMAT = "sslpipe.backbone/v1"
+WEIGHTS_FILE = "backbone.pt"
+CONFIG_FILE = "backbone.json"
+
+
+def save_backbone(
+    folder: Path, backbone: nn.Module, spec: BackboneSpec, *, image_size: int, lineage: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the backbone folder atomically file by file; the config is written last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    feature_dim = build_backbone(spec)[1]
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in backbone.state_dict().items()}, tmp)
+    config = {
+        "format": BACKBONE_FORMAT,
+        "backbone": spec.to_dict(),
+        "feature_dim": feature_dim,
+        "image_size": image_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "lineage": lineage,
+    }
+    write_json(folder / CONFIG_FILE, config)
+    return config
+
+
+def load_backbone_dir(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the backbone from a folder written by :func:`save_backbone` (eval mode).
+
+    Raises:
+        ValueError: when the folder is not a backbone folder or the weights do not fit.
+    """
+    config_path = Path(folder) / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"{folder} is not a backbone folder: {CONFIG_FILE} is missing")
+    config = read_json(config_path)
+    if config.get("format") != BACKBONE_FORMAT:
+        raise ValueError(
+            f"{config_path}: format {config.get('format')!r} is not {BACKBONE_FORMAT!r}"
+        )
+    backbone, _ = build_backbone(BackboneSpec.from_dict(config["backbone"]))
+    state = torch.load(Path(folder) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{folder}: the weights do not fit {config['backbone']}: {err}") from None
+    return backbone.eval(), config

@@ -1,0 +1,194 @@
+"""``python execute.py``: run a pipeline on the local backend (Azure ML comes as another backend).
+
+Exit codes: 0 success, 1 a step failed, 2 the configuration or command line is invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sslpipe.config import ConfigError, PipelineConfig, load_config
+from sslpipe.io import read_json
+
+EPILOG = """\
+examples:
+  python execute.py --pipeline moco
+  python execute.py --pipeline moco --set moco.epochs=10 --set filter.limit=500
+  python execute.py --pipeline moco --config my.yaml --dry-run
+  python execute.py --pipeline moco --resume            # continue the last failed run
+
+configuration keys (defaults in sslpipe/config.py; --set KEY=VALUE parses VALUE as YAML):
+  workspace, experiment, demo, stores.{metadata_uri,blob_uri,tracking_uri},
+  filter.{exclude_blurred,sortout,labelled,include_labels,exclude_labels,min_annotators,
+          require_review,limit},
+  data_prep.{image_size,concurrency,max_skipped_fraction},
+  moco.{backbone,small_stem,image_size,epochs,batch_size,lr,sgd_momentum,weight_decay,
+        queue_size,key_momentum,temperature,projection_dim,projection_hidden_dim,
+        vertical_flip,rotation_degrees,num_workers,seed,knn_k,model_name}
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipelines import PIPELINES
+
+    parser = argparse.ArgumentParser(
+        prog="execute.py",
+        description="Run a self-supervised learning pipeline on an image catalog.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--pipeline", required=True, choices=sorted(PIPELINES),
+                        help="which pipeline to run")
+    parser.add_argument("--backend", default="local", choices=["local"],
+                        help="where to run it (default: local, the embedded default)")
+    parser.add_argument("--config", type=Path, help="YAML file with configuration values")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override one configuration value (repeatable)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved steps and parameters; run nothing")
+    parser.add_argument("--force-rerun", action="store_true",
+                        help="run every step even when its earlier outputs could be reused")
+    parser.add_argument("--no-demo", action="store_true",
+                        help="do not build the demo catalog when the metadata store is empty")
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="RUN_ID",
+                        help="continue a failed run (default: the latest) from where it stopped")
+    return parser
+
+
+def _quiet_azure_sdk() -> None:
+    # azure-ai-ml announces its experimental classes on every import; that is noise here.
+    logging.getLogger("azure").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="azure")
+    warnings.filterwarnings("ignore", module="mlflow")
+
+
+def _echo(message: str) -> None:
+    print(message, flush=True)
+
+
+def prepare_workspace(config: PipelineConfig, *, demo: bool) -> None:
+    """Create the workspace and, on an empty embedded store, the demo catalog."""
+    from sslpipe.demo import demo_images
+    from sslpipe.ingest import ingest_images
+    from sslpipe.stores import open_blob_store, open_metadata_store
+
+    config.workspace_dir.mkdir(parents=True, exist_ok=True)
+    with open_metadata_store(config.metadata_uri) as store:
+        if store.count() > 0:
+            return
+        if not demo:
+            raise ConfigError(
+                f"the metadata store {config.metadata_uri} is empty and --no-demo was given; "
+                "ingest your catalog first or allow the demo catalog"
+            )
+        _echo(
+            "[sslpipe] the metadata store is empty: building the DEMO catalog from scikit-learn's "
+            "handwritten digits (1,797 images) in "
+            f"{config.workspace_dir} (use --no-demo or --set demo=false to turn this off)"
+        )
+        report = ingest_images(demo_images(), store, open_blob_store(config.blob_uri, create=True))
+        _echo(f"[sslpipe] demo catalog ready: {report.created} documents, blobs in {config.blob_uri}")
+
+
+def _mlflow_environment(config: PipelineConfig) -> dict[str, str]:
+    return {
+        "MLFLOW_TRACKING_URI": config.tracking_uri,
+        "MLFLOW_EXPERIMENT_NAME": config.experiment,
+        "SSLPIPE_ARTIFACT_ROOT": str(config.artifact_root),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+
+
+def _new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()
+
+
+def _latest_failed_run(runs_dir: Path) -> str:
+    for run_dir in sorted(runs_dir.glob("*"), reverse=True):
+        record = run_dir / "run.json"
+        if record.is_file() and read_json(record).get("status") != "completed":
+            return run_dir.name
+    raise ConfigError(f"--resume: no unfinished run in {runs_dir}")
+
+
+def run_local(pipeline: str, config: PipelineConfig, args: argparse.Namespace) -> int:
+    import mlflow
+
+    from pipelines import PIPELINES
+    from sslpipe.executor import LocalExecutor, PipelineGraph, StepFailedError
+    from sslpipe.registry import configure_tracking
+
+    graph = PipelineGraph.from_pipeline_job(PIPELINES[pipeline](config))
+    library = Path(__file__).resolve().parent
+    environment = _mlflow_environment(config)
+    if args.dry_run:
+        executor = LocalExecutor(config.workspace_dir, force_rerun=args.force_rerun,
+                                 library_paths=[library], echo=_echo)
+        for step in executor.plan(graph):
+            _print_plan_step(step)
+        return 0
+
+    prepare_workspace(config, demo=config.demo and not args.no_demo)
+    configure_tracking(config.tracking_uri, experiment=config.experiment,
+                       artifact_root=config.artifact_root)
+    run_id = _latest_failed_run(config.workspace_dir / "runs") if args.resume == "latest" else (
+        args.resume or _new_run_id())
+    with mlflow.start_run(run_name=f"{pipeline}-{run_id}",
+                          tags={"sslpipe.pipeline": pipeline, "sslpipe.run_id": run_id}) as parent:
+        environment |= {"SSLPIPE_RUN_ID": run_id, "SSLPIPE_MLFLOW_PARENT_RUN_ID": parent.info.run_id}
+        executor = LocalExecutor(config.workspace_dir, force_rerun=args.force_rerun,
+                                 env=environment, library_paths=[library], echo=_echo)
+        try:
+            record = executor.resume(run_id) if args.resume else executor.run(graph, run_id=run_id)
+        except StepFailedError as err:
+            mlflow.set_tag("sslpipe.status", "failed")
+            _echo(f"[sslpipe] FAILED: {err}")
+            _echo(f"[sslpipe] fix the cause, then continue with: python execute.py --pipeline "
+                  f"{pipeline} --resume {run_id}")
+            return 1
+    _print_summary(config, record)
+    return 0
+
+
+def _print_plan_step(step: dict[str, Any]) -> None:
+    _echo(f"step {step.get('name')}: {'reuse' if step.get('would_reuse') else 'run'}")
+    for key, value in sorted((step.get("parameters") or {}).items()):
+        _echo(f"    {key} = {value}")
+
+
+def _print_summary(config: PipelineConfig, record: Any) -> None:
+    run_dir = config.workspace_dir / "runs" / record.run_id
+    _echo(f"[sslpipe] run {record.run_id} completed; run record: {run_dir / 'run.json'}")
+    for name, step in record.steps.items():
+        for output, path in (step.outputs or {}).items():
+            _echo(f"[sslpipe]   {name}.{output}: {path}")
+            registered = Path(path) / "registered_model.json"
+            if registered.is_file():
+                info = read_json(registered)
+                _echo(f"[sslpipe] registered model {info['name']} version {info['version']}: "
+                      f"{info['uri']} (tracking: {config.tracking_uri})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_azure_sdk()
+    args = build_parser().parse_args(argv)
+    overrides = list(args.overrides)
+    try:
+        config = load_config(args.config, overrides)
+        return run_local(args.pipeline, config, args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

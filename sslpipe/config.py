@@ -1,0 +1,173 @@
+"""The pipeline configuration: one validated model with layered sources.
+
+Sources, later ones winning: the defaults below, a YAML file (``--config``), then ``--set
+key=value`` overrides. Secrets are never part of it: they come from the environment or Azure
+identity when a store is opened.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sslpipe.filters import ImageFilter
+from sslpipe.moco.backbone import BACKBONES
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message is one line a person can act on."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StoresConfig(_Section):
+    """Where metadata, images and MLflow runs live. Unset URIs default into the workspace."""
+
+    metadata_uri: str | None = Field(None, description="sqlite:///… (default) or cosmos://…")
+    blob_uri: str | None = Field(None, description="file:///… (default) or https://….blob…")
+    tracking_uri: str | None = Field(None, description="MLflow tracking and registry URI")
+
+
+class DataPrepConfig(_Section):
+    image_size: int = Field(72, ge=8, le=4096, description="shorter side after resizing, px")
+    concurrency: int = Field(16, ge=1, le=512, description="blob downloads in flight")
+    max_skipped_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="fail when more images than this fraction are unusable"
+    )
+
+
+class MocoConfig(_Section):
+    """MoCo v2 pre-training. Defaults: REFERENCE §5 small-data practice, sized for 2 CPU cores."""
+
+    backbone: str = Field("resnet18", description=f"one of {BACKBONES}")
+    small_stem: bool = Field(False, description="3x3 stride-1 stem without max-pool (≈32 px)")
+    image_size: int = Field(64, ge=8, le=1024, description="crop size fed to the network, px")
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(0.06, gt=0, description="SGD learning rate (seed Table 6.1)")
+    sgd_momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    queue_size: int = Field(4096, ge=1, description="negatives K; shrunk when above the images")
+    key_momentum: float = Field(0.99, ge=0, le=1)
+    temperature: float = Field(0.2, gt=0)
+    projection_dim: int = Field(128, ge=1)
+    projection_hidden_dim: int = Field(2048, ge=1)
+    vertical_flip: bool = Field(False, description="the seed's extra augmentation")
+    rotation_degrees: float = Field(0.0, ge=0, le=180, description="the seed's extra augmentation")
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes")
+    seed: int = 0
+    knn_k: int = Field(20, ge=1, description="neighbours of the kNN monitor")
+    model_name: str = Field("moco-backbone", min_length=1, description="registered model name")
+
+    @model_validator(mode="after")
+    def _known_backbone(self) -> MocoConfig:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {BACKBONES}")
+        return self
+
+
+class PipelineConfig(_Section):
+    workspace: Path = Field(Path(".sslpipe"), description="local folder for stores, runs, MLflow")
+    experiment: str = Field("sslpipe", min_length=1, description="MLflow experiment name")
+    backend: Literal["local"] = "local"
+    demo: bool = Field(True, description="build the demo catalog when the metadata store is empty")
+    stores: StoresConfig = StoresConfig()
+    filter: ImageFilter = ImageFilter()
+    data_prep: DataPrepConfig = DataPrepConfig()
+    moco: MocoConfig = MocoConfig()
+
+    @property
+    def workspace_dir(self) -> Path:
+        return self.workspace.expanduser().resolve()
+
+    @property
+    def metadata_uri(self) -> str:
+        return self.stores.metadata_uri or f"sqlite:///{self.workspace_dir / 'metadata.db'}"
+
+    @property
+    def blob_uri(self) -> str:
+        return self.stores.blob_uri or (self.workspace_dir / "blobs" / "images").as_uri()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.stores.tracking_uri or f"sqlite:///{self.workspace_dir / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.workspace_dir / "mlartifacts"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"moco.epochs=3"`` -> ``(["moco", "epochs"], 3)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set moco.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({err})") from None
+    return key.strip().split("."), value
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_known_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _apply(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_error(err: ValidationError) -> str:
+    known = _known_keys(PipelineConfig)
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+        return f"unknown configuration key {key!r}{hint}"
+    return f"invalid value for {key!r}: {first['msg']} (got {first.get('input')!r})"
+
+
+def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides, validated once.
+
+    Raises:
+        ConfigError: with one line naming the key and the problem.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        tree = loaded or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(tree, key, value)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None

@@ -1,0 +1,105 @@
+"""Content hashing for step reuse.
+
+Reuse decisions must depend on *what* a step reads, not on *where* it lives, so inputs are
+hashed by content: a file by its bytes, a folder by its sorted relative file names and their
+bytes. Two folders with identical files therefore hash the same even when they sit in
+different run folders, which is what lets a downstream step be reused after an upstream
+step re-ran and produced byte-identical outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+# 1 MiB chunks: fast, yet a large image never has to fit in memory at once.
+_CHUNK_SIZE = 1 << 20
+
+
+def hash_file(path: Path) -> str:
+    """Return the hex digest of one file's contents, read in chunks."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_SIZE):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _is_skipped_code_entry(name: str, *, is_dir: bool) -> bool:
+    """Return True for entries that never influence what code does (caches, VCS, venvs)."""
+    if is_dir:
+        return name.startswith(".") or name == "__pycache__"
+    return name.endswith((".pyc", ".pyo"))
+
+
+def iter_files(root: Path, *, code_only: bool = False) -> Iterator[tuple[str, Path]]:
+    """Yield ``(relative posix name, path)`` for every file under ``root``, sorted by name.
+
+    ``code_only`` skips ``__pycache__``, ``*.pyc`` and dot-folders (``.git``, ``.venv``...),
+    whose contents change without the code changing.
+    """
+    entries: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if code_only:
+            # Pruning in place stops os.walk from descending into skipped folders at all.
+            dirnames[:] = [d for d in dirnames if not _is_skipped_code_entry(d, is_dir=True)]
+            filenames = [f for f in filenames if not _is_skipped_code_entry(f, is_dir=False)]
+        for filename in filenames:
+            path = Path(dirpath) / filename
+            entries.append((path.relative_to(root).as_posix(), path))
+    yield from sorted(entries)
+
+
+def _hash_entries(entries: Iterable[tuple[str, Path]]) -> str:
+    """Hash a listing of (name, file): names and per-file digests, separated unambiguously."""
+    hasher = hashlib.sha256()
+    for name, path in entries:
+        hasher.update(name.encode("utf-8"))
+        hasher.update(b"\0")
+        hasher.update(hash_file(path).encode("ascii"))
+        hasher.update(b"\n")
+    return hasher.hexdigest()
+
+
+def hash_path(path: Path) -> str:
+    """Return a content hash of a file or a folder.
+
+    A file hashes to the digest of its bytes; a folder to a digest over its files' relative
+    names and contents (sorted, so the result does not depend on the file system's order).
+    File and folder hashes are prefixed differently so that a file never equals a folder.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+    """
+    path = Path(path)
+    if path.is_file():
+        return "file:" + hash_file(path)
+    if path.is_dir():
+        return "dir:" + _hash_entries(iter_files(path))
+    raise FileNotFoundError(f"cannot hash {path}: it does not exist")
+
+
+def hash_code(dirs: Iterable[Path]) -> str:
+    """Return one hash over the code in ``dirs`` (folders or single files), in the given order.
+
+    Skips ``__pycache__``, ``*.pyc`` and dot-folders. Each root is hashed separately and then
+    combined with its position, so moving a file from one root to another changes the hash.
+    """
+    hasher = hashlib.sha256()
+    for index, root in enumerate(dirs):
+        root = Path(root)
+        if root.is_file():
+            digest = hash_file(root)
+        elif root.is_dir():
+            digest = _hash_entries(iter_files(root, code_only=True))
+        else:
+            raise FileNotFoundError(f"cannot hash code at {root}: it does not exist")
+        hasher.update(f"{index}:{digest}\n".encode("ascii"))
+    return hasher.hexdigest()
+
+
+def hash_text(text: str) -> str:
+    """Return the hex digest of a string (used for cache keys over canonical JSON)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -1,0 +1,697 @@
+"""Run a :class:`PipelineGraph` on this machine, with Azure ML-style step reuse.
+
+Layout under the workspace::
+
+    runs/<run_id>/run.json                   the run record (rewritten after every change)
+    runs/<run_id>/graph.json                 the graph, so that the run can be resumed
+    runs/<run_id>/<step>/outputs/<output>    a folder (uri_folder) or a file path (uri_file)
+    runs/<run_id>/<step>/log.txt             the step's stdout and stderr
+    cache/<cache_key>.json                   {run_id, step, outputs} of a step that succeeded
+
+A step is reused (not run) when it is deterministic and an earlier successful step had the
+same cache key: the same component spec, the same code (component folder + library paths),
+the same literal parameters and the same *content* of every input path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shlex
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from sslpipe.executor.graph import (
+    OPTIONAL_BLOCK_RE,
+    PLACEHOLDER_RE,
+    Literal,
+    PipelineGraph,
+    StepSpec,
+    UpstreamOutput,
+)
+from sslpipe.executor.hashing import hash_code, hash_path, hash_text
+from sslpipe.executor.record import (
+    DONE_STEP_STATUSES,
+    RunRecord,
+    StepRecord,
+    utc_now,
+    write_json_atomic,
+)
+
+CACHE_KEY_VERSION = 1
+"""Bump when the cache key's recipe changes, so old cache entries stop matching."""
+
+TAIL_LINES = 20
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SHELL_OPERATORS = frozenset({"&&", "||", "|", ";", ">", ">>", "<", "2>", "2>&1", "&"})
+_PYTHON_NAMES = frozenset({"python", "python3"})
+
+
+class StepFailedError(RuntimeError):
+    """A step of a local run failed; the run stopped and later steps were skipped.
+
+    Attributes:
+        step: the step's name.
+        returncode: the process's exit code (None when it could not start or its inputs
+            were missing).
+        log_path: the step's log file.
+        tail: the last lines of the log (for printing without opening the file).
+        run_id: the run the step belongs to (resume it with ``LocalExecutor.resume``).
+    """
+
+    def __init__(
+        self,
+        step: str,
+        returncode: int | None,
+        log_path: Path,
+        *,
+        tail: Sequence[str] = (),
+        reason: str | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        what = f"failed: {reason}" if reason else f"failed with exit code {returncode}"
+        super().__init__(f"step {step!r} {what}; see its log: {log_path}")
+        self.step = step
+        self.returncode = returncode
+        self.log_path = log_path
+        self.tail = "\n".join(tail)
+        self.run_id = run_id
+
+
+class CommandError(ValueError):
+    """A component command cannot be turned into an argument list."""
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def format_value(value: Any) -> str:
+    """Format an input value for the command line the way Azure ML does (``true``/``false``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def resolve_command(command: str, values: Mapping[str, str | None]) -> list[str]:
+    """Turn a component command into an argv list.
+
+    Args:
+        command: the component's command with ``${{inputs.x}}``, ``${{outputs.y}}`` and
+            ``$[[...]]`` optional blocks.
+        values: ``"inputs.x"`` / ``"outputs.y"`` to the text to put in; None (or missing)
+            for an unbound optional input.
+
+    ``$[[...]]`` blocks are kept without the brackets when every input inside is bound and
+    dropped otherwise. Values are spliced in *after* the command is split with shlex, so a
+    value with spaces or quotes always stays one argument and is never interpreted by a shell.
+
+    Raises:
+        CommandError: when a placeholder outside ``$[[...]]`` has no value, or the command
+            uses shell operators (there is no shell to run them).
+    """
+
+    def keep_block(match: re.Match[str]) -> str:
+        inner = match.group(1)
+        bound = all(values.get(f"{kind}.{name}") is not None for kind, name in _refs(inner))
+        return inner if bound else " "
+
+    text = OPTIONAL_BLOCK_RE.sub(keep_block, command.replace("\\\n", " "))
+    spliced: list[str] = []
+
+    def to_token(match: re.Match[str]) -> str:
+        key = f"{match.group(1)}.{match.group(2)}"
+        value = values.get(key)
+        if value is None:
+            raise CommandError(f"the command uses ${{{{{key}}}}} but it has no value")
+        spliced.append(value)
+        # NUL never occurs in a command or an argument, so it cannot clash with user text.
+        return f"\0{len(spliced) - 1}\0"
+
+    text = PLACEHOLDER_RE.sub(to_token, text)
+    try:
+        items = shlex.split(text)
+    except ValueError as exc:
+        raise CommandError(f"cannot split the command {command!r}: {exc}") from None
+    operators = [item for item in items if item in _SHELL_OPERATORS]
+    if operators:
+        raise CommandError(
+            f"the command uses shell operators {operators}; the local executor runs commands "
+            "without a shell, so put that logic in the component's script"
+        )
+    return [re.sub(r"\0(\d+)\0", lambda m: spliced[int(m.group(1))], item) for item in items]
+
+
+def _refs(text: str) -> list[tuple[str, str]]:
+    return [(kind, name) for kind, name in PLACEHOLDER_RE.findall(text)]
+
+
+def compute_cache_key(
+    step: StepSpec,
+    *,
+    code_hash: str,
+    parameters: Mapping[str, Any],
+    input_hashes: Mapping[str, str],
+) -> str:
+    """The reuse key of a step: what it runs, with which code, parameters and input data.
+
+    Paths are deliberately absent: only the *content* of inputs counts, so the same data in
+    another run folder (or moved elsewhere) still hits the cache.
+    """
+    payload = {
+        "version": CACHE_KEY_VERSION,
+        "component": step.component_spec(),
+        "code": code_hash,
+        "parameters": {k: parameters[k] for k in sorted(parameters)},
+        "inputs": {k: input_hashes[k] for k in sorted(input_hashes)},
+    }
+    return hash_text(json.dumps(payload, sort_keys=True, default=str))
+
+
+def new_run_id() -> str:
+    """A run id that sorts by start time: ``YYYYmmdd-HHMMSS-xxxxxx`` (UTC + random)."""
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def _default_echo(line: str) -> None:
+    print(line, flush=True)
+
+
+def _short(key: str | None) -> str:
+    return (key or "")[:8]
+
+
+# --------------------------------------------------------------------------- executor
+
+
+@dataclass
+class _Prepared:
+    """Everything known about a step before it runs."""
+
+    parameters: dict[str, Any]
+    inputs: dict[str, str]
+    input_hashes: dict[str, str] = field(default_factory=dict)
+    code_hash: str | None = None
+    cache_key: str | None = None
+
+
+@dataclass
+class _CacheEntry:
+    run_id: str
+    step: str
+    outputs: dict[str, str]
+
+
+class LocalExecutor:
+    """Runs pipeline graphs as subprocesses on this machine, reusing unchanged steps."""
+
+    def __init__(
+        self,
+        workspace: Path,
+        *,
+        force_rerun: bool = False,
+        env: Mapping[str, str] | None = None,
+        library_paths: Sequence[Path] = (),
+        python: str = sys.executable,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
+        """
+        Args:
+            workspace: folder holding ``runs/`` and ``cache/`` (created when missing).
+            force_rerun: run every step even when an earlier identical one could be reused.
+            env: extra environment variables for every step (on top of ``os.environ``).
+            library_paths: code outside the component folders that steps import (e.g. the
+                ``sslpipe`` package); part of every step's code hash.
+            python: interpreter that replaces a leading ``python`` in commands.
+            echo: receives console lines (default: ``print`` with flush).
+        """
+        self.workspace = Path(workspace).resolve()
+        self.force_rerun = force_rerun
+        self.env = dict(env or {})
+        self.library_paths = [Path(p).resolve() for p in library_paths]
+        self.python = python
+        self.echo = echo or _default_echo
+        self._hash_memo: dict[str, str] = {}
+
+    @property
+    def runs_dir(self) -> Path:
+        """``<workspace>/runs``."""
+        return self.workspace / "runs"
+
+    @property
+    def cache_dir(self) -> Path:
+        """``<workspace>/cache``."""
+        return self.workspace / "cache"
+
+    def run_dir(self, run_id: str) -> Path:
+        """The folder of one run."""
+        return self.runs_dir / run_id
+
+    # ---- public API
+
+    def run(self, graph: PipelineGraph, *, run_id: str | None = None) -> RunRecord:
+        """Run every step of ``graph`` in dependency order and return the run record.
+
+        Raises:
+            StepFailedError: when a step fails (the record, with status ``failed``, is in
+                ``<run>/run.json``; resume it with :meth:`resume`).
+            FileExistsError: when ``run_id`` names an existing run.
+        """
+        run_id = run_id or new_run_id()
+        if not _RUN_ID_RE.match(run_id):
+            raise ValueError(f"invalid run id {run_id!r}: use letters, digits, '.', '_', '-'")
+        run_dir = self.run_dir(run_id)
+        if run_dir.exists():
+            raise FileExistsError(
+                f"run {run_id!r} already exists at {run_dir}; use resume({run_id!r}) to "
+                "continue it or choose another run id"
+            )
+        run_dir.mkdir(parents=True)
+        write_json_atomic(run_dir / "graph.json", graph.to_dict())
+        record = RunRecord(
+            run_id=run_id,
+            pipeline=graph.name,
+            started=utc_now(),
+            workspace=str(self.workspace),
+            steps={
+                s.name: StepRecord(name=s.name, component=s.component_name)
+                for s in graph.topological_order()
+            },
+        )
+        self.echo(f"run {run_id}: pipeline {graph.name!r}, {len(graph.steps)} steps in {run_dir}")
+        return self._execute(graph, record)
+
+    def resume(self, run_id: str) -> RunRecord:
+        """Continue an unfinished or failed run in its own folder.
+
+        Completed and reused steps are kept; failed, skipped and pending steps run again,
+        writing into their existing output folders (so a training step can pick up the
+        checkpoint it left there). The graph is the one recorded when the run started.
+        """
+        run_dir = self.run_dir(run_id)
+        record_path = run_dir / "run.json"
+        if not record_path.is_file():
+            known = sorted(p.name for p in self.runs_dir.glob("*") if p.is_dir())
+            raise FileNotFoundError(
+                f"no run {run_id!r} in {self.runs_dir} (no {record_path.name}); "
+                f"known runs: {', '.join(known[-5:]) or '(none)'}"
+            )
+        graph = PipelineGraph.from_dict(json.loads((run_dir / "graph.json").read_text("utf-8")))
+        record = RunRecord.load(record_path)
+        todo = [n for n, s in record.steps.items() if s.status not in DONE_STEP_STATUSES]
+        if not todo:
+            self.echo(f"run {run_id}: every step is already completed or reused; nothing to do")
+            return record
+        for name in todo:
+            record.steps[name].status = "pending"
+        record.status, record.ended = "running", None
+        self.echo(f"run {run_id}: resuming {', '.join(todo)}")
+        return self._execute(graph, record)
+
+    def plan(self, graph: PipelineGraph) -> list[dict[str, Any]]:
+        """What :meth:`run` would do, without running anything (for ``--dry-run``).
+
+        Each entry has the step's ``step``, ``component``, ``parameters``, ``inputs`` (paths,
+        or ``<step>.<output>`` for outputs not produced yet), ``cache_key`` and ``reuse``:
+        True, False, or None when it depends on outputs of steps that would run first;
+        ``reason`` says why.
+        """
+        known_outputs: dict[str, dict[str, str]] = {}
+        plan: list[dict[str, Any]] = []
+        for step in graph.topological_order():
+            entry = self._plan_step(step, known_outputs)
+            plan.append(entry)
+            if entry["reuse"] and entry["reused_outputs"]:
+                known_outputs[step.name] = entry["reused_outputs"]
+        return plan
+
+    # ---- run loop
+
+    def _execute(self, graph: PipelineGraph, record: RunRecord) -> RunRecord:
+        run_dir = self.run_dir(record.run_id)
+        record_path = run_dir / "run.json"
+        record.save(record_path)
+        self._hash_memo = {}  # inputs may change between runs; hashes are cached per run only
+        outputs = {
+            n: dict(s.outputs) for n, s in record.steps.items() if s.status in DONE_STEP_STATUSES
+        }
+        try:
+            for step in graph.topological_order():
+                step_record = record.steps[step.name]
+                if step_record.status in DONE_STEP_STATUSES:
+                    continue
+                outputs[step.name] = self._run_step(step, step_record, record, outputs)
+        except BaseException as exc:
+            self._finish_failed(record, exc)
+            raise
+        record.status, record.ended = "completed", utc_now()
+        record.save(record_path)
+        self.echo(f"run {record.run_id}: completed ({run_dir})")
+        return record
+
+    def _finish_failed(self, record: RunRecord, exc: BaseException) -> None:
+        """Mark the running step failed and every later step skipped; save the record."""
+        for step_record in record.steps.values():
+            if step_record.status == "running":
+                step_record.status = "failed"
+                step_record.ended = utc_now()
+                step_record.error = step_record.error or f"{type(exc).__name__}: {exc}"
+            elif step_record.status == "pending":
+                step_record.status = "skipped"
+        record.status, record.ended = "failed", utc_now()
+        record.save(self.run_dir(record.run_id) / "run.json")
+        skipped = [n for n, s in record.steps.items() if s.status == "skipped"]
+        suffix = f"; skipped: {', '.join(skipped)}" if skipped else ""
+        self.echo(f"run {record.run_id}: failed{suffix}. Resume with: resume({record.run_id!r})")
+
+    def _run_step(
+        self,
+        step: StepSpec,
+        step_record: StepRecord,
+        record: RunRecord,
+        upstream: Mapping[str, Mapping[str, str]],
+    ) -> dict[str, str]:
+        """Reuse or run one step; return its outputs' paths. Raises StepFailedError."""
+        step_dir = self.run_dir(record.run_id) / step.name
+        step_dir.mkdir(parents=True, exist_ok=True)
+        log_path = step_dir / "log.txt"
+        step_record.status, step_record.started, step_record.ended = "running", utc_now(), None
+        step_record.log, step_record.error, step_record.returncode = str(log_path), None, None
+        step_record.reused_from, step_record.duration_s = None, None
+        record.save(self.run_dir(record.run_id) / "run.json")
+        started = time.monotonic()
+
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"# {utc_now()} step {step.name!r} of run {record.run_id}\n")
+            try:
+                prepared = self._prepare(step, upstream, with_hashes=True)
+            except (FileNotFoundError, CommandError) as exc:
+                log.write(f"error: {exc}\n")
+                step_record.error = str(exc)
+                raise StepFailedError(
+                    step.name,
+                    None,
+                    log_path,
+                    tail=[str(exc)],
+                    reason=str(exc),
+                    run_id=record.run_id,
+                ) from exc
+            step_record.parameters = prepared.parameters
+            step_record.inputs = prepared.inputs
+            step_record.input_hashes = prepared.input_hashes
+            step_record.code_hash = prepared.code_hash
+            step_record.cache_key = prepared.cache_key
+
+            hit, why = self._reuse_decision(step, prepared.cache_key)
+            if hit is not None:
+                message = (
+                    f"reused: component code, parameters and inputs unchanged since run "
+                    f"{hit.run_id} (cache key {_short(prepared.cache_key)})"
+                )
+                log.write(message + "\n")
+                self.echo(f"[{step.name}] {message}")
+                step_record.status, step_record.reused_from = "reused", hit.run_id
+                step_record.outputs = dict(hit.outputs)
+                self._end_step(step_record, record, started)
+                return dict(hit.outputs)
+
+            outputs = self._prepare_outputs(step, step_dir)
+            step_record.outputs = outputs
+            argv = self._argv(step, prepared, outputs, log_path, record.run_id)
+            step_record.argv = argv
+            record.save(self.run_dir(record.run_id) / "run.json")
+            self.echo(f"[{step.name}] running ({why}): {shlex.join(argv)}")
+            log.write(f"# cwd: {step.code_dir}\n# command: {shlex.join(argv)}\n# {why}\n")
+            log.flush()
+            returncode, tail = self._run_process(step, argv, log)
+
+        step_record.returncode = returncode
+        if returncode != 0:
+            raise StepFailedError(step.name, returncode, log_path, tail=tail, run_id=record.run_id)
+        missing = [f"{n} ({p})" for n, p in outputs.items() if not Path(p).exists()]
+        if missing:
+            reason = f"exited 0 but did not write its outputs: {', '.join(missing)}"
+            step_record.error = reason
+            raise StepFailedError(
+                step.name, 0, log_path, tail=tail, reason=reason, run_id=record.run_id
+            )
+        step_record.status = "completed"
+        self._end_step(step_record, record, started)
+        if step.is_deterministic and prepared.cache_key:
+            self._remember(prepared.cache_key, record.run_id, step.name, outputs)
+        self.echo(f"[{step.name}] completed in {step_record.duration_s:.1f}s")
+        return outputs
+
+    def _end_step(self, step_record: StepRecord, record: RunRecord, started: float) -> None:
+        step_record.ended = utc_now()
+        step_record.duration_s = round(time.monotonic() - started, 3)
+        record.save(self.run_dir(record.run_id) / "run.json")
+
+    # ---- preparing a step
+
+    def _prepare(
+        self,
+        step: StepSpec,
+        upstream: Mapping[str, Mapping[str, str]],
+        *,
+        with_hashes: bool,
+    ) -> _Prepared:
+        """Resolve a step's parameters and input paths; hash them when asked.
+
+        Raises:
+            FileNotFoundError: when an input path does not exist.
+            KeyError: when an upstream step's outputs are not in ``upstream``.
+        """
+        parameters: dict[str, Any] = {}
+        inputs: dict[str, str] = {}
+        for name, binding in step.bindings.items():
+            if isinstance(binding, UpstreamOutput):
+                inputs[name] = upstream[binding.step][binding.output]
+            elif step.inputs[name].is_path:
+                inputs[name] = str(binding.value)
+            else:
+                parameters[name] = binding.value
+        prepared = _Prepared(parameters=parameters, inputs=inputs)
+        if not with_hashes:
+            return prepared
+        for name, path in inputs.items():
+            if not Path(path).exists():
+                raise FileNotFoundError(
+                    f"input {name!r} points at {path}, which does not exist"
+                    + _binding_hint(step.bindings[name])
+                )
+            prepared.input_hashes[name] = self._hash_input(path)
+        prepared.code_hash = self._code_hash(step)
+        prepared.cache_key = compute_cache_key(
+            step,
+            code_hash=prepared.code_hash,
+            parameters=parameters,
+            input_hashes=prepared.input_hashes,
+        )
+        return prepared
+
+    def _hash_input(self, path: str) -> str:
+        if path not in self._hash_memo:
+            self._hash_memo[path] = hash_path(Path(path))
+        return self._hash_memo[path]
+
+    def _code_hash(self, step: StepSpec) -> str:
+        dirs = [step.component_dir, *self.library_paths]
+        memo_key = "code:" + "\0".join(str(d) for d in dirs)
+        if memo_key not in self._hash_memo:
+            self._hash_memo[memo_key] = hash_code(dirs)
+        return self._hash_memo[memo_key]
+
+    @staticmethod
+    def _prepare_outputs(step: StepSpec, step_dir: Path) -> dict[str, str]:
+        """Create output locations: a folder per folder output, the parent of a file output.
+
+        Existing contents are kept on purpose: a resumed step finds what it left there.
+        """
+        outputs: dict[str, str] = {}
+        for name, spec in step.outputs.items():
+            path = step_dir / "outputs" / name
+            if spec.type == "uri_file":
+                path.parent.mkdir(parents=True, exist_ok=True)
+            else:
+                path.mkdir(parents=True, exist_ok=True)
+            outputs[name] = str(path)
+        return outputs
+
+    def _argv(
+        self,
+        step: StepSpec,
+        prepared: _Prepared,
+        outputs: Mapping[str, str],
+        log_path: Path,
+        run_id: str,
+    ) -> list[str]:
+        values: dict[str, str | None] = {f"outputs.{n}": p for n, p in outputs.items()}
+        values |= {f"inputs.{n}": p for n, p in prepared.inputs.items()}
+        values |= {f"inputs.{n}": format_value(v) for n, v in prepared.parameters.items()}
+        try:
+            argv = resolve_command(step.command, values)
+        except CommandError as exc:
+            raise StepFailedError(
+                step.name, None, log_path, reason=str(exc), run_id=run_id
+            ) from exc
+        if argv and argv[0] in _PYTHON_NAMES:
+            argv[0] = self.python
+        return argv
+
+    # ---- reuse
+
+    def _reuse_decision(
+        self, step: StepSpec, cache_key: str | None
+    ) -> tuple[_CacheEntry | None, str]:
+        """(cache entry to reuse or None, why the step runs)."""
+        if not step.is_deterministic:
+            return None, "is_deterministic: false, always runs"
+        if self.force_rerun:
+            return None, "force_rerun"
+        if cache_key is None:
+            return None, "no cache key"
+        entry = self._lookup(cache_key, step)
+        if entry is None:
+            return None, f"no reusable earlier run for cache key {_short(cache_key)}"
+        return entry, "reused"
+
+    def _lookup(self, cache_key: str, step: StepSpec) -> _CacheEntry | None:
+        """The cache entry for ``cache_key`` if its outputs still exist, else None."""
+        path = self.cache_dir / f"{cache_key}.json"
+        try:
+            data = json.loads(path.read_text("utf-8"))
+            entry = _CacheEntry(str(data["run_id"]), str(data["step"]), dict(data["outputs"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # missing or unreadable: treat as a miss, the step simply runs
+        if set(entry.outputs) != set(step.outputs):
+            return None
+        if not all(Path(p).exists() for p in entry.outputs.values()):
+            return None  # an earlier run folder was deleted
+        return entry
+
+    def _remember(self, cache_key: str, run_id: str, step: str, outputs: Mapping[str, str]) -> None:
+        write_json_atomic(
+            self.cache_dir / f"{cache_key}.json",
+            {"run_id": run_id, "step": step, "outputs": dict(outputs), "created": utc_now()},
+        )
+
+    def _plan_step(
+        self, step: StepSpec, known_outputs: Mapping[str, Mapping[str, str]]
+    ) -> dict[str, Any]:
+        pending = [u for u in step.upstream_steps() if u not in known_outputs]
+        entry: dict[str, Any] = {
+            "step": step.name,
+            "component": step.component_name,
+            "cache_key": None,
+            "reuse": None,
+            "reused_outputs": None,
+        }
+        if pending:
+            placeholder = {u: {o: f"{u}.{o}" for o in _outputs_read(step, u)} for u in pending}
+            prepared = self._prepare(step, {**known_outputs, **placeholder}, with_hashes=False)
+            why = f"depends on outputs of {', '.join(pending)}, which would run first"
+            if not step.is_deterministic or self.force_rerun:
+                entry["reuse"] = False
+                why = self._reuse_decision(step, None)[1]
+            return entry | {
+                "parameters": prepared.parameters,
+                "inputs": prepared.inputs,
+                "reason": why,
+            }
+        try:
+            prepared = self._prepare(step, known_outputs, with_hashes=True)
+        except FileNotFoundError as exc:
+            prepared = self._prepare(step, known_outputs, with_hashes=False)
+            entry |= {"reuse": False, "reason": f"would fail: {exc}"}
+            return entry | {"parameters": prepared.parameters, "inputs": prepared.inputs}
+        hit, why = self._reuse_decision(step, prepared.cache_key)
+        entry |= {
+            "parameters": prepared.parameters,
+            "inputs": prepared.inputs,
+            "cache_key": prepared.cache_key,
+            "reuse": hit is not None,
+            "reason": f"reused from run {hit.run_id}" if hit else why,
+            "reused_outputs": dict(hit.outputs) if hit else None,
+        }
+        return entry
+
+    # ---- processes
+
+    def _step_env(self, step: StepSpec) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"  # so that output streams line by line, as it happens
+        env.update(step.environment_variables)
+        env.update(self.env)
+        return env
+
+    def _run_process(self, step: StepSpec, argv: list[str], log: IO[str]) -> tuple[int, list[str]]:
+        """Run ``argv``; stream its output to the console and the log. (returncode, tail)."""
+        tail: deque[str] = deque(maxlen=TAIL_LINES)
+        try:
+            process = subprocess.Popen(
+                argv,
+                cwd=step.code_dir,
+                env=self._step_env(step),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                bufsize=1,
+            )
+        except OSError as exc:
+            message = f"cannot start {argv[0]!r}: {exc}"
+            log.write(message + "\n")
+            self.echo(f"[{step.name}] {message}")
+            return 127, [message]
+        with _terminate_on_error(process):
+            assert process.stdout is not None
+            for raw in process.stdout:
+                line = raw.rstrip("\n")
+                log.write(line + "\n")
+                log.flush()
+                tail.append(line)
+                self.echo(f"[{step.name}] {line}")
+            returncode = process.wait()
+        log.write(f"# exit code {returncode}\n")
+        return returncode, list(tail)
+
+
+@contextmanager
+def _terminate_on_error(process: subprocess.Popen[str]) -> Iterator[None]:
+    """Stop the child when we are interrupted, so that no step keeps running unseen."""
+    try:
+        yield
+    except BaseException:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
+
+
+def _outputs_read(step: StepSpec, upstream: str) -> list[str]:
+    return [
+        b.output
+        for b in step.bindings.values()
+        if isinstance(b, UpstreamOutput) and b.step == upstream
+    ]
+
+
+def _binding_hint(binding: Literal | UpstreamOutput) -> str:
+    if isinstance(binding, UpstreamOutput):
+        return f" (output {binding.output!r} of step {binding.step!r} was removed?)"
+    return " (check the pipeline input or pass another path)"

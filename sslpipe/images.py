@@ -1,0 +1,57 @@
+"""Decoding and resizing of catalog images."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Refuse decompression bombs loudly instead of letting PIL only warn about them.
+Image.MAX_IMAGE_PIXELS = 64_000_000
+
+
+class UnusableImageError(ValueError):
+    """The bytes are not an image this pipeline can use; ``reason`` is a short stable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def decode_resized(data: bytes, shorter_side: int) -> Image.Image:
+    """Decode image bytes to RGB with the shorter side resized to ``shorter_side`` px.
+
+    JPEGs are decoded in draft mode at the smallest DCT scale that still covers the target
+    size, which skips most of the decoding work for large photos.
+    """
+    if not data:
+        raise UnusableImageError("empty_file", "the blob has zero bytes")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format == "JPEG":
+            scale = shorter_side / min(image.size)
+            image.draft("RGB", (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))))
+        image = ImageOps.exif_transpose(image)
+        image = image.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise UnusableImageError("too_large", str(err)) from None
+    except UnidentifiedImageError:
+        raise UnusableImageError("not_an_image", "the bytes are not a known image format") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UnusableImageError("corrupt_image", str(err)) from None
+    return resize_shorter_side(image, shorter_side)
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    scale = size / min(width, height)
+    target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if target == image.size:
+        return image
+    return image.resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
+def encode_jpeg(image: Image.Image, *, quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()

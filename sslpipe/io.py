@@ -1,0 +1,72 @@
+"""Small file helpers shared by every step: atomic writes and tabular/JSON I/O.
+
+Every file a step produces is written to a temporary name in the same folder and then renamed,
+so a run killed at any moment leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pandas as pd
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file for writing that atomically replaces ``path`` when closed cleanly."""
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented UTF-8 JSON, atomically."""
+    with atomic_open(path) as f:
+        json.dump(data, f, indent=2, ensure_ascii=False, default=str)
+        f.write("\n")
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    """Write a DataFrame as CSV without its index, atomically."""
+    with atomic_open(path) as f:
+        frame.to_csv(f, index=False)
+
+
+def read_csv(path: Path, *, required: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read a CSV written by a step, checking that the columns the reader needs are there."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: expected a CSV file written by an earlier step")
+    frame = pd.read_csv(path, dtype={"id": str, "blob_path": str, "label": str}, keep_default_na=False)
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {missing}; found {list(frame.columns)}. "
+            "Was it written by a different version of the pipeline?"
+        )
+    return frame

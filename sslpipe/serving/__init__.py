@@ -1,0 +1,1 @@
+"""Models as downstream services load them (MLflow pyfunc)."""

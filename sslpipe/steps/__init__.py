@@ -1,0 +1,1 @@
+"""The pipeline steps as library functions: components are thin entry points around these."""

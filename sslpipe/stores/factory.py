@@ -1,0 +1,38 @@
+"""Open a store from its URI; the URI scheme picks the implementation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from sslpipe.stores.base import BlobStore, MetadataStore, StoreError
+
+METADATA_SCHEMES = ("sqlite",)
+BLOB_SCHEMES = ("file",)
+
+
+def _local_path(uri: str) -> Path:
+    parsed = urlparse(uri)
+    return Path(unquote(parsed.netloc + parsed.path))
+
+
+def open_metadata_store(uri: str) -> MetadataStore:
+    """``sqlite:///abs/path.db`` -> SQLiteMetadataStore."""
+    scheme = urlparse(uri).scheme
+    if scheme == "sqlite":
+        from sslpipe.stores.sqlite import SQLiteMetadataStore
+
+        return SQLiteMetadataStore(_local_path(uri))
+    raise StoreError(
+        f"unsupported metadata store URI {uri!r}: scheme {scheme!r} is not one of {METADATA_SCHEMES}"
+    )
+
+
+def open_blob_store(uri: str, *, create: bool = False) -> BlobStore:
+    """``file:///abs/folder`` -> LocalFolderBlobStore."""
+    scheme = urlparse(uri).scheme
+    if scheme == "file":
+        from sslpipe.stores.local_blob import LocalFolderBlobStore
+
+        return LocalFolderBlobStore(_local_path(uri), create=create)
+    raise StoreError(f"unsupported blob store URI {uri!r}: scheme {scheme!r} is not one of {BLOB_SCHEMES}")
