@@ -20,7 +20,9 @@ def build(config: PipelineConfig) -> PipelineJob:
     prep = config.data_prep
     moco = config.moco.model_dump(mode="json")
 
-    @dsl.pipeline(name="moco", description="MoCo v2 pre-training on images selected from the catalog")
+    @dsl.pipeline(
+        None, name="moco", description="MoCo v2 pre-training on images selected from the catalog"
+    )
     def moco_pipeline(metadata_uri: str, blob_uri: str, image_filter: str) -> dict[str, Any]:
         connect_db = component("connect_db")(
             metadata_uri=metadata_uri, blob_uri=blob_uri, filter=image_filter
@@ -40,5 +42,6 @@ def build(config: PipelineConfig) -> PipelineJob:
         blob_uri=config.blob_uri,
         image_filter=filter_argument(config.filter),
     )
+    assert job.settings is not None
     job.settings.default_compute = "cpu-cluster"
     return job

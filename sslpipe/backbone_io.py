@@ -25,7 +25,12 @@ CONFIG_FILE = "backbone.json"
 
 
 def save_backbone(
-    folder: Path, backbone: nn.Module, spec: BackboneSpec, *, image_size: int, lineage: dict[str, Any]
+    folder: Path,
+    backbone: nn.Module,
+    spec: BackboneSpec,
+    *,
+    image_size: int,
+    lineage: dict[str, Any],
 ) -> dict[str, Any]:
     """Write the backbone folder atomically file by file; the config is written last."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -45,21 +45,46 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--pipeline", required=True, choices=sorted(PIPELINES),
-                        help="which pipeline to run")
-    parser.add_argument("--backend", default="local", choices=["local"],
-                        help="where to run it (default: local, the embedded default)")
+    parser.add_argument(
+        "--pipeline", required=True, choices=sorted(PIPELINES), help="which pipeline to run"
+    )
+    parser.add_argument(
+        "--backend",
+        default="local",
+        choices=["local"],
+        help="where to run it (default: local, the embedded default)",
+    )
     parser.add_argument("--config", type=Path, help="YAML file with configuration values")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override one configuration value (repeatable)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved steps and parameters; run nothing")
-    parser.add_argument("--force-rerun", action="store_true",
-                        help="run every step even when its earlier outputs could be reused")
-    parser.add_argument("--no-demo", action="store_true",
-                        help="do not build the demo catalog when the metadata store is empty")
-    parser.add_argument("--resume", nargs="?", const="latest", metavar="RUN_ID",
-                        help="continue a failed run (default: the latest) from where it stopped")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one configuration value (repeatable)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved steps and parameters; run nothing",
+    )
+    parser.add_argument(
+        "--force-rerun",
+        action="store_true",
+        help="run every step even when its earlier outputs could be reused",
+    )
+    parser.add_argument(
+        "--no-demo",
+        action="store_true",
+        help="do not build the demo catalog when the metadata store is empty",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="RUN_ID",
+        help="continue a failed run (default: the latest) from where it stopped",
+    )
     return parser
 
 
@@ -95,7 +120,9 @@ def prepare_workspace(config: PipelineConfig, *, demo: bool) -> None:
             f"{config.workspace_dir} (use --no-demo or --set demo=false to turn this off)"
         )
         report = ingest_images(demo_images(), store, open_blob_store(config.blob_uri, create=True))
-        _echo(f"[sslpipe] demo catalog ready: {report.created} documents, blobs in {config.blob_uri}")
+        _echo(
+            f"[sslpipe] demo catalog ready: {report.created} documents, blobs in {config.blob_uri}"
+        )
 
 
 def _mlflow_environment(config: PipelineConfig) -> dict[str, str]:
@@ -131,29 +158,46 @@ def run_local(pipeline: str, config: PipelineConfig, args: argparse.Namespace) -
     library = Path(__file__).resolve().parent
     environment = _mlflow_environment(config)
     if args.dry_run:
-        executor = LocalExecutor(config.workspace_dir, force_rerun=args.force_rerun,
-                                 library_paths=[library], echo=_echo)
+        executor = LocalExecutor(
+            config.workspace_dir, force_rerun=args.force_rerun, library_paths=[library], echo=_echo
+        )
         for step in executor.plan(graph):
             _print_plan_step(step)
         return 0
 
     prepare_workspace(config, demo=config.demo and not args.no_demo)
-    configure_tracking(config.tracking_uri, experiment=config.experiment,
-                       artifact_root=config.artifact_root)
-    run_id = _latest_failed_run(config.workspace_dir / "runs") if args.resume == "latest" else (
-        args.resume or _new_run_id())
-    with mlflow.start_run(run_name=f"{pipeline}-{run_id}",
-                          tags={"sslpipe.pipeline": pipeline, "sslpipe.run_id": run_id}) as parent:
-        environment |= {"SSLPIPE_RUN_ID": run_id, "SSLPIPE_MLFLOW_PARENT_RUN_ID": parent.info.run_id}
-        executor = LocalExecutor(config.workspace_dir, force_rerun=args.force_rerun,
-                                 env=environment, library_paths=[library], echo=_echo)
+    configure_tracking(
+        config.tracking_uri, experiment=config.experiment, artifact_root=config.artifact_root
+    )
+    run_id = (
+        _latest_failed_run(config.workspace_dir / "runs")
+        if args.resume == "latest"
+        else (args.resume or _new_run_id())
+    )
+    with mlflow.start_run(
+        run_name=f"{pipeline}-{run_id}",
+        tags={"sslpipe.pipeline": pipeline, "sslpipe.run_id": run_id},
+    ) as parent:
+        environment |= {
+            "SSLPIPE_RUN_ID": run_id,
+            "SSLPIPE_MLFLOW_PARENT_RUN_ID": parent.info.run_id,
+        }
+        executor = LocalExecutor(
+            config.workspace_dir,
+            force_rerun=args.force_rerun,
+            env=environment,
+            library_paths=[library],
+            echo=_echo,
+        )
         try:
             record = executor.resume(run_id) if args.resume else executor.run(graph, run_id=run_id)
         except StepFailedError as err:
             mlflow.set_tag("sslpipe.status", "failed")
             _echo(f"[sslpipe] FAILED: {err}")
-            _echo(f"[sslpipe] fix the cause, then continue with: python execute.py --pipeline "
-                  f"{pipeline} --resume {run_id}")
+            _echo(
+                f"[sslpipe] fix the cause, then continue with: python execute.py --pipeline "
+                f"{pipeline} --resume {run_id}"
+            )
             return 1
     _print_summary(config, record)
     return 0
@@ -174,8 +218,10 @@ def _print_summary(config: PipelineConfig, record: Any) -> None:
             registered = Path(path) / "registered_model.json"
             if registered.is_file():
                 info = read_json(registered)
-                _echo(f"[sslpipe] registered model {info['name']} version {info['version']}: "
-                      f"{info['uri']} (tracking: {config.tracking_uri})")
+                _echo(
+                    f"[sslpipe] registered model {info['name']} version {info['version']}: "
+                    f"{info['uri']} (tracking: {config.tracking_uri})"
+                )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

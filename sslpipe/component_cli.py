@@ -55,8 +55,12 @@ def build_parser(spec: dict[str, Any]) -> argparse.ArgumentParser:
             help=f"({kind}) {meta.get('description', '')}".strip(),
         )
     for name, meta in (spec.get("outputs") or {}).items():
-        parser.add_argument(f"--{name}", type=Path, required=True,
-                            help=f"({meta['type']}) {meta.get('description', '')}".strip())
+        parser.add_argument(
+            f"--{name}",
+            type=Path,
+            required=True,
+            help=f"({meta['type']}) {meta.get('description', '')}".strip(),
+        )
     return parser
 
 
@@ -71,5 +75,7 @@ def run_component(
     except (ValueError, RuntimeError, OSError, KeyError) as err:
         # The message is the diagnosis; the traceback still goes to the log for developers.
         traceback.print_exc(file=sys.stderr)
-        print(f"error: {spec['name']}: {err}", file=sys.stderr, flush=True)
+        # One line even when the message spans several (pydantic's ValidationError does).
+        message = " ".join(str(err).split())
+        print(f"error: {spec['name']}: {message}", file=sys.stderr, flush=True)
         sys.exit(1)

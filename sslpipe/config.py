@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sslpipe.filters import ImageFilter
 from sslpipe.moco.backbone import BACKBONES
@@ -65,11 +65,13 @@ class MocoConfig(_Section):
     knn_k: int = Field(20, ge=1, description="neighbours of the kNN monitor")
     model_name: str = Field("moco-backbone", min_length=1, description="registered model name")
 
-    @model_validator(mode="after")
-    def _known_backbone(self) -> MocoConfig:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {BACKBONES}")
-        return self
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        # A field validator, so that the error names the key ('moco.backbone').
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone {value!r}; expected one of {BACKBONES}")
+        return value
 
 
 class PipelineConfig(_Section):
@@ -103,6 +105,15 @@ class PipelineConfig(_Section):
         return self.workspace_dir / "mlartifacts"
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error as one line: the problem and where it is (PyYAML's own text spans lines)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return " ".join(f"{err.problem}{where}".split())
+    return " ".join(str(err).split())
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"moco.epochs=3"`` -> ``(["moco", "epochs"], 3)``; the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
@@ -111,7 +122,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({err})") from None
+        problem = _yaml_problem(err)
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({problem})") from None
     return key.strip().split("."), value
 
 
@@ -147,7 +159,9 @@ def _format_error(err: ValidationError) -> str:
     return f"invalid value for {key!r}: {first['msg']} (got {first.get('input')!r})"
 
 
-def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+def load_config(
+    path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> PipelineConfig:
     """Defaults, then the YAML file at ``path``, then ``key=value`` overrides, validated once.
 
     Raises:
@@ -160,7 +174,8 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+            problem = _yaml_problem(err)
+            raise ConfigError(f"config file {path} is not valid YAML: {problem}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
         tree = loaded or {}

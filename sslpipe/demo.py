@@ -54,7 +54,9 @@ def _annotations(digit: int, rng: np.random.Generator) -> list[dict[str, Any]]:
     return result
 
 
-def _document(index: int, digit: int, data: bytes, size: int, rng: np.random.Generator) -> dict[str, Any]:
+def _document(
+    index: int, digit: int, data: bytes, size: int, rng: np.random.Generator
+) -> dict[str, Any]:
     labelled = rng.random() < _LABELLED_SHARE[digit]
     annotations = _annotations(digit, rng) if labelled else []
     blob_name = f"{uuid.uuid5(_NAMESPACE, str(index))}.jpeg"

@@ -23,7 +23,8 @@ def parse_taxonomy_path(value: str | list[str] | tuple[str, ...]) -> TaxonomyPat
     if not parts or any(not isinstance(p, str) or not p.strip() for p in parts):
         raise ValueError(
             f"taxonomy path {value!r} is empty or has an empty level; "
-            "expected e.g. ['Badezimmersysteme', 'Geberit AquaClean'] or 'Badezimmersysteme/Geberit AquaClean'"
+            "expected e.g. ['Badezimmersysteme', 'Geberit AquaClean'] "
+            "or 'Badezimmersysteme/Geberit AquaClean'"
         )
     return parts
 

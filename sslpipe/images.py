@@ -27,12 +27,21 @@ def decode_resized(data: bytes, shorter_side: int) -> Image.Image:
     if not data:
         raise UnusableImageError("empty_file", "the blob has zero bytes")
     try:
-        image = Image.open(io.BytesIO(data))
+        image: Image.Image = Image.open(io.BytesIO(data))
+        # PIL itself raises only above twice MAX_IMAGE_PIXELS and merely warns in between.
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and image.size[0] * image.size[1] > limit:
+            width, height = image.size
+            raise UnusableImageError("too_large", f"{width}x{height} pixels, over {limit}")
         if image.format == "JPEG":
             scale = shorter_side / min(image.size)
-            image.draft("RGB", (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))))
+            image.draft(
+                "RGB", (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+            )
         image = ImageOps.exif_transpose(image)
         image = image.convert("RGB")
+    except UnusableImageError:
+        raise
     except Image.DecompressionBombError as err:
         raise UnusableImageError("too_large", str(err)) from None
     except UnidentifiedImageError:

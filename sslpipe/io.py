@@ -62,7 +62,9 @@ def read_csv(path: Path, *, required: tuple[str, ...] = ()) -> pd.DataFrame:
     """Read a CSV written by a step, checking that the columns the reader needs are there."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: expected a CSV file written by an earlier step")
-    frame = pd.read_csv(path, dtype={"id": str, "blob_path": str, "label": str}, keep_default_na=False)
+    frame = pd.read_csv(
+        path, dtype={"id": str, "blob_path": str, "label": str}, keep_default_na=False
+    )
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise ValueError(

@@ -44,10 +44,16 @@ def resolve_label(
     splits the vote equally between them. The winner must have strictly more votes than the
     runner-up (otherwise ``tie``) and its share of annotators must reach ``min_agreement``.
     """
+    # An annotator listed in several entries still has one vote, split over all their labels.
+    by_annotator: dict[str, set[str | None]] = {}
+    for annotation in annotations:
+        by_annotator.setdefault(annotation.annotator_id, set()).update(
+            cut_label(p, level) for p in annotation.taxonomy
+        )
     votes: Counter[str] = Counter()
     voters = 0
-    for annotation in annotations:
-        labels = {cut_label(p, level) for p in annotation.taxonomy} - {None}
+    for given in by_annotator.values():
+        labels = given - {None}
         if not labels:
             continue
         voters += 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from sslpipe.filters import TaxonomyPath
 
@@ -45,10 +45,12 @@ class ImageDocument(BaseModel):
 
     id: str = Field(min_length=1)
     file_hash: str | None = None
-    is_blurred: bool | None = None
+    # Strict: stores index only true JSON booleans for their filters (is_blurred, has_review), so
+    # a 1 or "yes" that lax parsing would read as true is reported as invalid, not let through.
+    is_blurred: StrictBool | None = None
     sortout: str | None = None
-    sortout_testset: bool | None = None
-    has_review: bool | None = None
+    sortout_testset: StrictBool | None = None
+    has_review: StrictBool | None = None
     total_annotations: int | None = None
     labels_with_taxonomy: list[Annotation] = Field(default_factory=list)
 

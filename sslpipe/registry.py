@@ -5,6 +5,7 @@ Models are referred to as ``name`` (latest version), ``name/3`` (a version) or `
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -17,7 +18,12 @@ from torch import nn
 
 from sslpipe.backbone_io import load_backbone_dir
 
-_REF = re.compile(r"^(?P<name>[A-Za-z0-9][\w.\-]*)(?:/(?P<version>\d+|latest)|@(?P<alias>[\w\-]+))?$")
+# Progress bars of artifact downloads would interleave with the step logs.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+_REF = re.compile(
+    r"^(?P<name>[A-Za-z0-9][\w.\-]*)(?:/(?P<version>\d+|latest)|@(?P<alias>[\w\-]+))?$"
+)
 _PYFUNC_BACKBONE = Path(__file__).parent / "serving" / "backbone_model.py"
 
 
@@ -25,8 +31,12 @@ class ModelReferenceError(ValueError):
     """A model reference is malformed or names nothing in the registry."""
 
 
-def configure_tracking(tracking_uri: str | None = None, *, experiment: str | None = None,
-                       artifact_root: Path | None = None) -> None:
+def configure_tracking(
+    tracking_uri: str | None = None,
+    *,
+    experiment: str | None = None,
+    artifact_root: Path | None = None,
+) -> None:
     """Point MLflow at ``tracking_uri`` (or ``$MLFLOW_TRACKING_URI``) and an experiment.
 
     A new experiment on a local store gets ``artifact_root`` as its artifact location, so that
@@ -38,13 +48,16 @@ def configure_tracking(tracking_uri: str | None = None, *, experiment: str | Non
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
     if not name:
         return
-    root = artifact_root or (Path(os.environ["SSLPIPE_ARTIFACT_ROOT"]) if os.environ.get("SSLPIPE_ARTIFACT_ROOT") else None)
+    root = artifact_root or (
+        Path(os.environ["SSLPIPE_ARTIFACT_ROOT"])
+        if os.environ.get("SSLPIPE_ARTIFACT_ROOT")
+        else None
+    )
     client = MlflowClient()
     if client.get_experiment_by_name(name) is None and root is not None:
-        try:
+        # Another step may create it at the same moment; either way it exists afterwards.
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
             client.create_experiment(name, artifact_location=(root / name).resolve().as_uri())
-        except mlflow.exceptions.MlflowException:
-            pass  # created concurrently by another step
     mlflow.set_experiment(name)
 
 
@@ -63,7 +76,9 @@ def model_uri(reference: str) -> str:
     client = MlflowClient()
     versions = client.search_model_versions(f"name = '{name}'") if _safe_name(name) else []
     if not versions:
-        raise ModelReferenceError(f"no registered model named {name!r} in {mlflow.get_tracking_uri()}")
+        raise ModelReferenceError(
+            f"no registered model named {name!r} in {mlflow.get_tracking_uri()}"
+        )
     latest = max(int(v.version) for v in versions)
     return f"models:/{name}/{latest}"
 
@@ -99,14 +114,21 @@ def register_backbone(
         client.set_model_version_tag(name, version, key, value)
     if description:
         client.update_model_version(name, version, description=description)
-    return {"name": name, "version": version, "uri": f"models:/{name}/{version}", "run_id": run.info.run_id}
+    return {
+        "name": name,
+        "version": version,
+        "uri": f"models:/{name}/{version}",
+        "run_id": run.info.run_id,
+    }
 
 
 def download_model(reference: str) -> Path:
     """Download a registered model's files and return the local folder."""
     uri = model_uri(reference)
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp()))
+        return Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp())
+        )
     except mlflow.exceptions.MlflowException as err:
         raise ModelReferenceError(f"cannot load {reference!r} ({uri}): {err.message}") from None
 

@@ -279,6 +279,13 @@ class PipelineGraph:
             PipelineGraphError: for nodes the local executor cannot run, unbound required
                 inputs, references to unknown steps or outputs, remote data, or cycles.
         """
+        from azure.ai.ml.entities import PipelineJob
+
+        if not isinstance(job, PipelineJob):
+            raise PipelineGraphError(
+                f"expected an azure.ai.ml PipelineJob (from a @dsl.pipeline function or "
+                f"load_job of a pipeline YAML), got {type(job).__name__}"
+            )
         reader = _JobReader(base_dir=_job_base_dir(job))
         values = reader.pipeline_input_values(job, pipeline_inputs or {})
         steps: dict[str, StepSpec] = {}
@@ -464,8 +471,11 @@ class _JobReader:
         declared = self._declared_pipeline_inputs(job)
         values: dict[str, Binding | None] = {}
         for name, pipeline_input in (job.inputs or {}).items():
-            declared.setdefault(name, getattr(pipeline_input, "type", None))
-            values[name] = self._pipeline_value(pipeline_input.result(), self.base_dir, None)
+            value = pipeline_input.result()
+            # YAML pipelines leave the input's own type empty; its Input value still has one.
+            declared_type = getattr(pipeline_input, "type", None) or getattr(value, "type", None)
+            declared.setdefault(name, declared_type)
+            values[name] = self._pipeline_value(value, self.base_dir, None)
         for name in declared:
             values.setdefault(name, None)
         for name, value in overrides.items():

@@ -66,18 +66,18 @@ def _hash_entries(entries: Iterable[tuple[str, Path]]) -> str:
 def hash_path(path: Path) -> str:
     """Return a content hash of a file or a folder.
 
-    A file hashes to the digest of its bytes; a folder to a digest over its files' relative
-    names and contents (sorted, so the result does not depend on the file system's order).
-    File and folder hashes are prefixed differently so that a file never equals a folder.
+    A file hashes to the sha256 of its bytes (what ``sha256sum`` prints); a folder to a
+    sha256 over its files' relative names and contents, sorted so that the result does not
+    depend on the file system's order. Empty sub-folders do not count.
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
     """
     path = Path(path)
     if path.is_file():
-        return "file:" + hash_file(path)
+        return hash_file(path)
     if path.is_dir():
-        return "dir:" + _hash_entries(iter_files(path))
+        return _hash_entries(iter_files(path))
     raise FileNotFoundError(f"cannot hash {path}: it does not exist")
 
 

@@ -320,17 +320,19 @@ class LocalExecutor:
     def plan(self, graph: PipelineGraph) -> list[dict[str, Any]]:
         """What :meth:`run` would do, without running anything (for ``--dry-run``).
 
-        Each entry has the step's ``step``, ``component``, ``parameters``, ``inputs`` (paths,
-        or ``<step>.<output>`` for outputs not produced yet), ``cache_key`` and ``reuse``:
-        True, False, or None when it depends on outputs of steps that would run first;
-        ``reason`` says why.
+        Each entry has the step's ``name``, ``component``, ``parameters``, ``inputs`` (paths,
+        or ``<step>.<output>`` for outputs not produced yet), ``cache_key``, ``would_reuse``
+        (True, False, or None when it reads outputs of steps that would run first, whose content
+        is not known yet), ``reason`` and ``reused_outputs`` (the earlier outputs it would
+        take over).
         """
+        self._hash_memo = {}  # files may have changed since the last run or plan
         known_outputs: dict[str, dict[str, str]] = {}
         plan: list[dict[str, Any]] = []
         for step in graph.topological_order():
             entry = self._plan_step(step, known_outputs)
             plan.append(entry)
-            if entry["reuse"] and entry["reused_outputs"]:
+            if entry["would_reuse"] and entry["reused_outputs"]:
                 known_outputs[step.name] = entry["reused_outputs"]
         return plan
 
@@ -368,7 +370,7 @@ class LocalExecutor:
             elif step_record.status == "pending":
                 step_record.status = "skipped"
         record.status, record.ended = "failed", utc_now()
-        record.save(self.run_dir(record.run_id) / "run.json")
+        self._save(record)
         skipped = [n for n, s in record.steps.items() if s.status == "skipped"]
         suffix = f"; skipped: {', '.join(skipped)}" if skipped else ""
         self.echo(f"run {record.run_id}: failed{suffix}. Resume with: resume({record.run_id!r})")
@@ -381,19 +383,20 @@ class LocalExecutor:
         upstream: Mapping[str, Mapping[str, str]],
     ) -> dict[str, str]:
         """Reuse or run one step; return its outputs' paths. Raises StepFailedError."""
-        step_dir = self.run_dir(record.run_id) / step.name
-        step_dir.mkdir(parents=True, exist_ok=True)
-        log_path = step_dir / "log.txt"
-        step_record.status, step_record.started, step_record.ended = "running", utc_now(), None
-        step_record.log, step_record.error, step_record.returncode = str(log_path), None, None
-        step_record.reused_from, step_record.duration_s = None, None
-        record.save(self.run_dir(record.run_id) / "run.json")
+        log_path = self._start_step(step, step_record, record)
         started = time.monotonic()
-
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"# {utc_now()} step {step.name!r} of run {record.run_id}\n")
             try:
                 prepared = self._prepare(step, upstream, with_hashes=True)
+                _fill_prepared(step_record, prepared)
+                hit, why = self._reuse_decision(step, prepared.cache_key)
+                if hit is not None:
+                    self._reuse(step, step_record, hit, log)
+                    self._end_step(step_record, record, started)
+                    return dict(hit.outputs)
+                outputs = self._prepare_outputs(step, log_path.parent)
+                argv = self._argv(step, prepared, outputs)
             except (FileNotFoundError, CommandError) as exc:
                 log.write(f"error: {exc}\n")
                 step_record.error = str(exc)
@@ -405,45 +408,14 @@ class LocalExecutor:
                     reason=str(exc),
                     run_id=record.run_id,
                 ) from exc
-            step_record.parameters = prepared.parameters
-            step_record.inputs = prepared.inputs
-            step_record.input_hashes = prepared.input_hashes
-            step_record.code_hash = prepared.code_hash
-            step_record.cache_key = prepared.cache_key
-
-            hit, why = self._reuse_decision(step, prepared.cache_key)
-            if hit is not None:
-                message = (
-                    f"reused: component code, parameters and inputs unchanged since run "
-                    f"{hit.run_id} (cache key {_short(prepared.cache_key)})"
-                )
-                log.write(message + "\n")
-                self.echo(f"[{step.name}] {message}")
-                step_record.status, step_record.reused_from = "reused", hit.run_id
-                step_record.outputs = dict(hit.outputs)
-                self._end_step(step_record, record, started)
-                return dict(hit.outputs)
-
-            outputs = self._prepare_outputs(step, step_dir)
-            step_record.outputs = outputs
-            argv = self._argv(step, prepared, outputs, log_path, record.run_id)
-            step_record.argv = argv
-            record.save(self.run_dir(record.run_id) / "run.json")
+            step_record.outputs, step_record.argv = outputs, argv
+            self._save(record)
             self.echo(f"[{step.name}] running ({why}): {shlex.join(argv)}")
             log.write(f"# cwd: {step.code_dir}\n# command: {shlex.join(argv)}\n# {why}\n")
             log.flush()
-            returncode, tail = self._run_process(step, argv, log)
+            step_record.returncode, tail = self._run_process(step, argv, log)
 
-        step_record.returncode = returncode
-        if returncode != 0:
-            raise StepFailedError(step.name, returncode, log_path, tail=tail, run_id=record.run_id)
-        missing = [f"{n} ({p})" for n, p in outputs.items() if not Path(p).exists()]
-        if missing:
-            reason = f"exited 0 but did not write its outputs: {', '.join(missing)}"
-            step_record.error = reason
-            raise StepFailedError(
-                step.name, 0, log_path, tail=tail, reason=reason, run_id=record.run_id
-            )
+        self._check_finished(step, step_record, outputs, tail, record.run_id)
         step_record.status = "completed"
         self._end_step(step_record, record, started)
         if step.is_deterministic and prepared.cache_key:
@@ -451,9 +423,57 @@ class LocalExecutor:
         self.echo(f"[{step.name}] completed in {step_record.duration_s:.1f}s")
         return outputs
 
+    def _start_step(self, step: StepSpec, step_record: StepRecord, record: RunRecord) -> Path:
+        """Mark a step running (clearing an earlier attempt's results); return its log path."""
+        step_dir = self.run_dir(record.run_id) / step.name
+        step_dir.mkdir(parents=True, exist_ok=True)
+        log_path = step_dir / "log.txt"
+        step_record.status, step_record.started, step_record.ended = "running", utc_now(), None
+        step_record.log, step_record.error, step_record.returncode = str(log_path), None, None
+        step_record.reused_from, step_record.duration_s, step_record.argv = None, None, []
+        self._save(record)
+        return log_path
+
+    def _reuse(
+        self, step: StepSpec, step_record: StepRecord, hit: _CacheEntry, log: IO[str]
+    ) -> None:
+        """Take over an earlier run's outputs instead of running the step."""
+        message = (
+            f"reused: component code, parameters and inputs unchanged since run "
+            f"{hit.run_id} (cache key {_short(step_record.cache_key)})"
+        )
+        log.write(message + "\n")
+        self.echo(f"[{step.name}] {message}")
+        step_record.status, step_record.reused_from = "reused", hit.run_id
+        step_record.outputs = dict(hit.outputs)
+
+    @staticmethod
+    def _check_finished(
+        step: StepSpec,
+        step_record: StepRecord,
+        outputs: Mapping[str, str],
+        tail: Sequence[str],
+        run_id: str,
+    ) -> None:
+        """Raise StepFailedError unless the process exited 0 and wrote every output."""
+        log_path = Path(step_record.log or "")
+        if step_record.returncode != 0:
+            raise StepFailedError(
+                step.name, step_record.returncode, log_path, tail=tail, run_id=run_id
+            )
+        missing = [f"{n} ({p})" for n, p in outputs.items() if not Path(p).exists()]
+        if missing:
+            step_record.error = f"exited 0 but did not write its outputs: {', '.join(missing)}"
+            raise StepFailedError(
+                step.name, 0, log_path, tail=tail, reason=step_record.error, run_id=run_id
+            )
+
     def _end_step(self, step_record: StepRecord, record: RunRecord, started: float) -> None:
         step_record.ended = utc_now()
         step_record.duration_s = round(time.monotonic() - started, 3)
+        self._save(record)
+
+    def _save(self, record: RunRecord) -> None:
         record.save(self.run_dir(record.run_id) / "run.json")
 
     # ---- preparing a step
@@ -527,23 +547,12 @@ class LocalExecutor:
             outputs[name] = str(path)
         return outputs
 
-    def _argv(
-        self,
-        step: StepSpec,
-        prepared: _Prepared,
-        outputs: Mapping[str, str],
-        log_path: Path,
-        run_id: str,
-    ) -> list[str]:
+    def _argv(self, step: StepSpec, prepared: _Prepared, outputs: Mapping[str, str]) -> list[str]:
+        """The step's command with values filled in. Raises CommandError."""
         values: dict[str, str | None] = {f"outputs.{n}": p for n, p in outputs.items()}
         values |= {f"inputs.{n}": p for n, p in prepared.inputs.items()}
         values |= {f"inputs.{n}": format_value(v) for n, v in prepared.parameters.items()}
-        try:
-            argv = resolve_command(step.command, values)
-        except CommandError as exc:
-            raise StepFailedError(
-                step.name, None, log_path, reason=str(exc), run_id=run_id
-            ) from exc
+        argv = resolve_command(step.command, values)
         if argv and argv[0] in _PYTHON_NAMES:
             argv[0] = self.python
         return argv
@@ -588,42 +597,35 @@ class LocalExecutor:
     def _plan_step(
         self, step: StepSpec, known_outputs: Mapping[str, Mapping[str, str]]
     ) -> dict[str, Any]:
-        pending = [u for u in step.upstream_steps() if u not in known_outputs]
+        """One entry of :meth:`plan`: the decision :meth:`_run_step` would make, read-only."""
+        waiting = [u for u in step.upstream_steps() if u not in known_outputs]
+        placeholders = {u: {o: f"{u}.{o}" for o in _outputs_read(step, u)} for u in waiting}
+        prepared = self._prepare(step, {**known_outputs, **placeholders}, with_hashes=False)
         entry: dict[str, Any] = {
-            "step": step.name,
+            "name": step.name,
             "component": step.component_name,
+            "parameters": prepared.parameters,
+            "inputs": prepared.inputs,
             "cache_key": None,
-            "reuse": None,
+            "would_reuse": None,
+            "reason": "",
             "reused_outputs": None,
         }
-        if pending:
-            placeholder = {u: {o: f"{u}.{o}" for o in _outputs_read(step, u)} for u in pending}
-            prepared = self._prepare(step, {**known_outputs, **placeholder}, with_hashes=False)
-            why = f"depends on outputs of {', '.join(pending)}, which would run first"
-            if not step.is_deterministic or self.force_rerun:
-                entry["reuse"] = False
-                why = self._reuse_decision(step, None)[1]
-            return entry | {
-                "parameters": prepared.parameters,
-                "inputs": prepared.inputs,
-                "reason": why,
-            }
+        if not step.is_deterministic or self.force_rerun:
+            return entry | {"would_reuse": False, "reason": self._reuse_decision(step, None)[1]}
+        if waiting:
+            return entry | {"reason": f"reads outputs of {', '.join(waiting)}, which would run"}
         try:
             prepared = self._prepare(step, known_outputs, with_hashes=True)
         except FileNotFoundError as exc:
-            prepared = self._prepare(step, known_outputs, with_hashes=False)
-            entry |= {"reuse": False, "reason": f"would fail: {exc}"}
-            return entry | {"parameters": prepared.parameters, "inputs": prepared.inputs}
+            return entry | {"would_reuse": False, "reason": f"would fail: {exc}"}
         hit, why = self._reuse_decision(step, prepared.cache_key)
-        entry |= {
-            "parameters": prepared.parameters,
-            "inputs": prepared.inputs,
+        return entry | {
             "cache_key": prepared.cache_key,
-            "reuse": hit is not None,
+            "would_reuse": hit is not None,
             "reason": f"reused from run {hit.run_id}" if hit else why,
             "reused_outputs": dict(hit.outputs) if hit else None,
         }
-        return entry
 
     # ---- processes
 
@@ -681,6 +683,14 @@ def _terminate_on_error(process: subprocess.Popen[str]) -> Iterator[None]:
             process.kill()
             process.wait()
         raise
+
+
+def _fill_prepared(step_record: StepRecord, prepared: _Prepared) -> None:
+    step_record.parameters = prepared.parameters
+    step_record.inputs = prepared.inputs
+    step_record.input_hashes = prepared.input_hashes
+    step_record.code_hash = prepared.code_hash
+    step_record.cache_key = prepared.cache_key
 
 
 def _outputs_read(step: StepSpec, upstream: str) -> list[str]:

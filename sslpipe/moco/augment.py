@@ -86,8 +86,7 @@ def moco_v2_transform(
     _check_image_size(image_size, "moco_v2_transform")
     if not isinstance(min_scale, int | float) or not 0.0 < min_scale <= 1.0:
         raise ValueError(
-            f"moco_v2_transform: min_scale must be in (0, 1], got {min_scale!r}. "
-            "MoCo v2 uses 0.2."
+            f"moco_v2_transform: min_scale must be in (0, 1], got {min_scale!r}. MoCo v2 uses 0.2."
         )
     if not isinstance(jitter_strength, int | float) or not 0.0 <= jitter_strength <= 2.0:
         # Hue jitter is jitter_strength / 4 and torchvision caps hue at 0.5.

@@ -7,10 +7,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.pyfunc import PythonModel
 from PIL import Image
 
 from sslpipe.backbone_io import load_backbone_dir
@@ -39,7 +39,7 @@ def images_of(model_input: Any) -> list[Any]:
     return [model_input]
 
 
-class BackboneEmbedder(mlflow.pyfunc.PythonModel):
+class BackboneEmbedder(PythonModel):
     """``predict(images) -> ndarray (N, feature_dim)`` of L2-normalised embeddings."""
 
     def load_context(self, context: Any) -> None:
@@ -63,5 +63,8 @@ class BackboneEmbedder(mlflow.pyfunc.PythonModel):
         features = self.model(torch.stack(batch))
         return torch.nn.functional.normalize(features, dim=1).numpy()
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    # No type hints on predict's input: MLflow would turn them into a schema that rejects the
+    # mix of paths, bytes and arrays accepted here.
+    def predict(self, context, model_input, params=None):
+        """Embeddings (N, feature_dim) for image paths, bytes or arrays (list or DataFrame)."""
         return self.embed(images_of(model_input))

@@ -102,6 +102,10 @@ def run_connect_db(
     write_json(output_dir / "selection.json", stats)
     log.info(
         "selected %d of %d documents (%d labelled, %d classes); skipped: %s",
-        len(table), total, len(labelled), len(stats["classes"]), dict(skipped) or "none",
+        len(table),
+        total,
+        len(labelled),
+        len(stats["classes"]),
+        dict(skipped) or "none",
     )
     return stats

@@ -83,7 +83,11 @@ async def _fetch_one(
 
 
 async def _fetch_all(
-    store: BlobStore, rows: Iterator[dict[str, str]], out_dir: Path, image_size: int, concurrency: int
+    store: BlobStore,
+    rows: Iterator[dict[str, str]],
+    out_dir: Path,
+    image_size: int,
+    concurrency: int,
 ) -> list[Outcome]:
     outcomes: list[Outcome] = []
     workers = max(1, min(concurrency, os.cpu_count() or 1))
@@ -125,7 +129,9 @@ def run_data_prep(
     except StoreError as err:
         raise StoreError(f"data_prep cannot open the blob store: {err}") from None
     output_dir.mkdir(parents=True, exist_ok=True)
-    log.info("fetching %d images from %s (concurrency %d)", len(table), redact_uri(blob_uri), concurrency)
+    log.info(
+        "fetching %d images from %s (concurrency %d)", len(table), redact_uri(blob_uri), concurrency
+    )
     started = time.perf_counter()
     rows = iter(table[["id", "blob_path", "label"]].to_dict("records"))
     outcomes = asyncio.run(_fetch_all(store, rows, output_dir, image_size, concurrency))
@@ -142,7 +148,9 @@ def _write_outputs(
     manifest = pd.DataFrame(
         [(o.id, o.path, o.label, o.width, o.height) for o in good], columns=list(MANIFEST_COLUMNS)
     )
-    skipped = pd.DataFrame([(o.id, o.reason, o.detail) for o in bad], columns=["id", "reason", "detail"])
+    skipped = pd.DataFrame(
+        [(o.id, o.reason, o.detail) for o in bad], columns=["id", "reason", "detail"]
+    )
     stats = {
         "requested": len(outcomes),
         "prepared": len(good),
@@ -156,7 +164,11 @@ def _write_outputs(
     write_json(output_dir / "stats.json", stats)
     log.info(
         "prepared %d of %d images in %.1f s (%.1f images/s); skipped: %s",
-        len(good), len(outcomes), seconds, stats["images_per_s"] or 0.0, stats["skipped"] or "none",
+        len(good),
+        len(outcomes),
+        seconds,
+        stats["images_per_s"] or 0.0,
+        stats["skipped"] or "none",
     )
     fraction = len(bad) / max(1, len(outcomes))
     if fraction > max_skipped or not good:

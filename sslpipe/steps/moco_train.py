@@ -20,17 +20,17 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+import matplotlib.pyplot as plt
+import mlflow
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
-from sslpipe.backbone_io import save_backbone  # noqa: E402
-from sslpipe.config import MocoConfig  # noqa: E402
-from sslpipe.io import atomic_path, read_csv, read_json, write_json  # noqa: E402
-from sslpipe.logs import get_logger  # noqa: E402
-from sslpipe.moco import (  # noqa: E402
+from sslpipe.backbone_io import save_backbone
+from sslpipe.config import MocoConfig
+from sslpipe.io import atomic_path, read_csv, read_json, write_json
+from sslpipe.logs import get_logger
+from sslpipe.moco import (
     BackboneSpec,
     MoCo,
     TwoCropsTransform,
@@ -39,7 +39,7 @@ from sslpipe.moco import (  # noqa: E402
     leave_one_out_knn_top1,
     moco_v2_transform,
 )
-from sslpipe.registry import configure_tracking, register_backbone  # noqa: E402
+from sslpipe.registry import configure_tracking, register_backbone
 
 log = get_logger("moco_train")
 
@@ -86,7 +86,10 @@ def effective_sizes(config: MocoConfig, num_images: int) -> tuple[int, int]:
     if queue > limit:
         log.warning(
             "queue_size %d exceeds what %d images support without positives among the negatives;"
-            " shrinking it to %d", queue, num_images, limit,
+            " shrinking it to %d",
+            queue,
+            num_images,
+            limit,
         )
         queue = limit
     return batch, queue
@@ -144,12 +147,19 @@ def knn_monitor(model: MoCo, dataset: ImageFolderDataset, labels: torch.Tensor, 
     """Leave-one-out kNN top-1 of the labelled images on frozen backbone features."""
     model.eval()
     loader = DataLoader(dataset, batch_size=256, shuffle=False, num_workers=0)
-    features = torch.cat([model.embed(x.contiguous(memory_format=torch.channels_last)) for x in loader])
+    features = torch.cat(
+        [model.embed(x.contiguous(memory_format=torch.channels_last)) for x in loader]
+    )
     return leave_one_out_knn_top1(features, labels, k=k)
 
 
-def _save_checkpoint(folder: Path, model: MoCo, optimizer: torch.optim.Optimizer,
-                     state: TrainingState, config: MocoConfig) -> None:
+def _save_checkpoint(
+    folder: Path,
+    model: MoCo,
+    optimizer: torch.optim.Optimizer,
+    state: TrainingState,
+    config: MocoConfig,
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model.state_dict(),
@@ -164,8 +174,9 @@ def _save_checkpoint(folder: Path, model: MoCo, optimizer: torch.optim.Optimizer
         torch.save(payload, tmp)
 
 
-def _load_checkpoint(folder: Path, model: MoCo, optimizer: torch.optim.Optimizer,
-                     config: MocoConfig) -> TrainingState | None:
+def _load_checkpoint(
+    folder: Path, model: MoCo, optimizer: torch.optim.Optimizer, config: MocoConfig
+) -> TrainingState | None:
     path = folder / CHECKPOINT_FILE
     if not path.is_file():
         return None
@@ -178,7 +189,9 @@ def _load_checkpoint(folder: Path, model: MoCo, optimizer: torch.optim.Optimizer
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     log.info("resuming from %s after epoch %d", path, payload["epoch"])
-    return TrainingState(payload["epoch"], payload["losses"], payload["knn"], payload["mlflow_run_id"])
+    return TrainingState(
+        payload["epoch"], payload["losses"], payload["knn"], payload["mlflow_run_id"]
+    )
 
 
 def _plot_losses(path: Path, losses: list[float], knn: list[float]) -> None:
@@ -203,17 +216,28 @@ def _fingerprint(manifest_path: Path) -> str:
 
 
 def run_moco_train(
-    *, data_dir: Path, model_dir: Path, checkpoint_dir: Path, config: MocoConfig,
-    resume: bool = True, register: bool = True,
+    *,
+    data_dir: Path,
+    model_dir: Path,
+    checkpoint_dir: Path,
+    config: MocoConfig,
+    resume: bool = True,
+    register: bool = True,
 ) -> dict[str, Any]:
     """Pre-train, checkpoint every epoch, write the backbone folder and register it."""
     torch.manual_seed(config.seed)
     manifest = read_csv(data_dir / "manifest.csv", required=("id", "path", "label"))
     batch, queue = effective_sizes(config, len(manifest))
     model = build_model(config, queue)
-    optimizer = torch.optim.SGD(model.query_parameters(), lr=config.lr,
-                                momentum=config.sgd_momentum, weight_decay=config.weight_decay)
-    state = (_load_checkpoint(checkpoint_dir, model, optimizer, config) if resume else None) or TrainingState()
+    optimizer = torch.optim.SGD(
+        model.query_parameters(),
+        lr=config.lr,
+        momentum=config.sgd_momentum,
+        weight_decay=config.weight_decay,
+    )
+    state = (
+        _load_checkpoint(checkpoint_dir, model, optimizer, config) if resume else None
+    ) or TrainingState()
     losses, knn = list(state.losses or []), list(state.knn or [])
 
     augment = moco_v2_transform(
@@ -224,22 +248,37 @@ def run_moco_train(
     train_set = ImageFolderDataset(data_dir, list(manifest["path"]), TwoCropsTransform(augment))
     labelled = manifest[manifest["label"] != ""]
     classes = sorted(set(labelled["label"]))
-    knn_set = ImageFolderDataset(data_dir, list(labelled["path"]), eval_transform(config.image_size))
+    knn_set = ImageFolderDataset(
+        data_dir, list(labelled["path"]), eval_transform(config.image_size)
+    )
     knn_labels = torch.tensor([classes.index(c) for c in labelled["label"]], dtype=torch.long)
     monitor = len(classes) >= 2
 
     configure_tracking()
-    selection = read_json(data_dir / "selection.json") if (data_dir / "selection.json").is_file() else {}
-    with mlflow.start_run(run_id=state.mlflow_run_id, run_name="moco_train",
-                          tags={"sslpipe.step": "moco_train", **_parent_tag()}) as run:
+    selection = (
+        read_json(data_dir / "selection.json") if (data_dir / "selection.json").is_file() else {}
+    )
+    with mlflow.start_run(
+        run_id=state.mlflow_run_id,
+        run_name="moco_train",
+        tags={"sslpipe.step": "moco_train", **_parent_tag()},
+    ) as run:
         if state.mlflow_run_id is None:
-            mlflow.log_params({**config.model_dump(mode="json"), "effective_batch_size": batch,
-                               "effective_queue_size": queue, "num_images": len(manifest)})
+            mlflow.log_params(
+                {
+                    **config.model_dump(mode="json"),
+                    "effective_batch_size": batch,
+                    "effective_queue_size": queue,
+                    "num_images": len(manifest),
+                }
+            )
         state.mlflow_run_id = run.info.run_id
         if monitor and not knn:
             knn.append(knn_monitor(model, knn_set, knn_labels, config.knn_k))
             mlflow.log_metric("knn_top1", knn[0], step=0)
-            log.info("epoch 0 (random init): kNN top-1 %.3f on %d labelled images", knn[0], len(labelled))
+            log.info(
+                "epoch 0 (random init): kNN top-1 %.3f on %d labelled images", knn[0], len(labelled)
+            )
         for epoch in range(state.epoch, config.epochs):
             lr = _lr_at(config, epoch)
             for group in optimizer.param_groups:
@@ -257,9 +296,15 @@ def run_moco_train(
                 knn.append(knn_monitor(model, knn_set, knn_labels, config.knn_k))
                 metrics["knn_top1"] = knn[-1]
             mlflow.log_metrics(metrics, step=epoch + 1)
-            log.info("epoch %d/%d: loss %.4f, lr %.4f, %.1f images/s%s", epoch + 1, config.epochs,
-                     loss, lr, metrics["images_per_s"],
-                     f", kNN top-1 {knn[-1]:.3f}" if monitor else "")
+            log.info(
+                "epoch %d/%d: loss %.4f, lr %.4f, %.1f images/s%s",
+                epoch + 1,
+                config.epochs,
+                loss,
+                lr,
+                metrics["images_per_s"],
+                f", kNN top-1 {knn[-1]:.3f}" if monitor else "",
+            )
             state.epoch, state.losses, state.knn = epoch + 1, losses, knn
             _save_checkpoint(checkpoint_dir, model, optimizer, state, config)
 
@@ -273,17 +318,27 @@ def run_moco_train(
             "pipeline_run_id": os.environ.get("SSLPIPE_RUN_ID"),
         }
         spec = BackboneSpec(config.backbone, config.small_stem)
-        save_backbone(model_dir, model.backbone, spec, image_size=config.image_size, lineage=lineage)
+        save_backbone(
+            model_dir, model.backbone, spec, image_size=config.image_size, lineage=lineage
+        )
         _plot_losses(model_dir / "loss_curve.png", losses, knn)
-        metrics_out = {"final_loss": losses[-1], "losses": losses, "knn_top1": knn,
-                       "epochs": config.epochs, "num_images": len(manifest)}
+        metrics_out = {
+            "final_loss": losses[-1],
+            "losses": losses,
+            "knn_top1": knn,
+            "epochs": config.epochs,
+            "num_images": len(manifest),
+        }
         write_json(model_dir / "metrics.json", metrics_out)
         mlflow.log_artifact(str(model_dir / "loss_curve.png"))
         registered = None
         if register:
-            registered = register_backbone(model_dir, name=config.model_name,
-                                           tags=_lineage_tags(lineage),
-                                           description=f"MoCo v2 {config.backbone} backbone")
+            registered = register_backbone(
+                model_dir,
+                name=config.model_name,
+                tags=_lineage_tags(lineage),
+                description=f"MoCo v2 {config.backbone} backbone",
+            )
             write_json(model_dir / "registered_model.json", registered)
             log.info("registered %s (version %s)", registered["uri"], registered["version"])
     return {"metrics": metrics_out, "registered": registered}
@@ -297,5 +352,8 @@ def _parent_tag() -> dict[str, str]:
 def _lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
     import json
 
-    return {f"lineage.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in lineage.items()
-            if v is not None}
+    return {
+        f"lineage.{k}": v if isinstance(v, str) else json.dumps(v)
+        for k, v in lineage.items()
+        if v is not None
+    }

@@ -6,6 +6,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from sslpipe.stores.base import BlobStore, MetadataStore, StoreError
+from sslpipe.uris import redact_uri
 
 METADATA_SCHEMES = ("sqlite",)
 BLOB_SCHEMES = ("file",)
@@ -24,7 +25,8 @@ def open_metadata_store(uri: str) -> MetadataStore:
 
         return SQLiteMetadataStore(_local_path(uri))
     raise StoreError(
-        f"unsupported metadata store URI {uri!r}: scheme {scheme!r} is not one of {METADATA_SCHEMES}"
+        f"unsupported metadata store URI {redact_uri(uri)!r}: "
+        f"scheme {scheme!r} is not one of {METADATA_SCHEMES}"
     )
 
 
@@ -35,4 +37,7 @@ def open_blob_store(uri: str, *, create: bool = False) -> BlobStore:
         from sslpipe.stores.local_blob import LocalFolderBlobStore
 
         return LocalFolderBlobStore(_local_path(uri), create=create)
-    raise StoreError(f"unsupported blob store URI {uri!r}: scheme {scheme!r} is not one of {BLOB_SCHEMES}")
+    raise StoreError(
+        f"unsupported blob store URI {redact_uri(uri)!r}: "
+        f"scheme {scheme!r} is not one of {BLOB_SCHEMES}"
+    )

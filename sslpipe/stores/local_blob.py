@@ -15,8 +15,10 @@ from sslpipe.stores.base import BlobInfo, BlobNotFoundError, BlobStore, StoreErr
 def safe_blob_path(root: Path, name: str) -> Path:
     """The file for blob ``name`` under ``root``; refuses names that would leave ``root``."""
     pure = PurePosixPath(name)
-    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name or "\x00" in name:
-        raise ValueError(f"unsafe blob name {name!r}: it must be a relative path inside the container")
+    if not pure.parts or pure.is_absolute() or ".." in pure.parts or "\\" in name or "\x00" in name:
+        raise ValueError(
+            f"unsafe blob name {name!r}: it must be a relative path inside the container"
+        )
     return root.joinpath(*pure.parts)
 
 
@@ -36,7 +38,8 @@ class LocalFolderBlobStore(BlobStore):
         path = safe_blob_path(self.root, name)
         try:
             return await asyncio.to_thread(path.read_bytes)
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            # A folder, or a path through a file, is no blob either (as in a blob container).
             raise BlobNotFoundError(f"blob {name!r} not found in {self.uri}") from None
 
     async def write(self, name: str, data: bytes) -> None:

@@ -59,13 +59,16 @@ def _index_columns(doc: dict[str, Any]) -> tuple[int | None, str | None, int | N
     annotations = doc.get("labels_with_taxonomy")
     annotators: set[str] = set()
     paths: set[str] = set()
-    if isinstance(annotations, list):
+    if isinstance(annotations, list | tuple):
         for annotation in annotations:
             if not isinstance(annotation, dict):
                 continue
             annotators.add(str(annotation.get("annotator_id")))
-            for path in annotation.get("taxonomy") or []:
-                if isinstance(path, list) and path and all(isinstance(p, str) for p in path):
+            taxonomy = annotation.get("taxonomy")
+            # Tuples too: json.dumps stores them as lists, so they must be indexed like lists.
+            for path in taxonomy if isinstance(taxonomy, list | tuple) else []:
+                is_path = isinstance(path, list | tuple) and all(isinstance(p, str) for p in path)
+                if is_path and path:
                     paths.add(encode_path(path))
     sortout = doc.get("sortout")
     return (
@@ -96,7 +99,10 @@ def compile_filter(image_filter: ImageFilter) -> tuple[str, list[Any]]:
         params.append(image_filter.min_annotators)
     if image_filter.require_review:
         where.append("d.has_review = 1")
-    for negate, prefixes in ((False, image_filter.include_labels), (True, image_filter.exclude_labels)):
+    for negate, prefixes in (
+        (False, image_filter.include_labels),
+        (True, image_filter.exclude_labels),
+    ):
         if not prefixes:
             continue
         ranges = " OR ".join("(l.path >= ? AND l.path < ?)" for _ in prefixes)
@@ -127,7 +133,9 @@ class SQLiteMetadataStore(MetadataStore):
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as err:
-            raise StoreError(f"cannot open the SQLite metadata store at {self.path}: {err}") from err
+            raise StoreError(
+                f"cannot open the SQLite metadata store at {self.path}: {err}"
+            ) from err
 
     def upsert(self, documents: Iterable[dict[str, Any]]) -> UpsertReport:
         created = updated = unchanged = 0
@@ -137,7 +145,9 @@ class SQLiteMetadataStore(MetadataStore):
                 if not isinstance(doc_id, str) or not doc_id:
                     raise ValueError(f"cannot store a document without a string 'id': {doc!r:.200}")
                 text = json.dumps(doc, sort_keys=True, ensure_ascii=False)
-                row = self._db.execute("SELECT doc FROM documents WHERE id = ?", (doc_id,)).fetchone()
+                row = self._db.execute(
+                    "SELECT doc FROM documents WHERE id = ?", (doc_id,)
+                ).fetchone()
                 if row is not None and row[0] == text:
                     unchanged += 1
                     continue
@@ -148,8 +158,8 @@ class SQLiteMetadataStore(MetadataStore):
     def _write(self, doc_id: str, doc: dict[str, Any], text: str) -> None:
         is_blurred, sortout, has_review, n_annotators, paths = _index_columns(doc)
         self._db.execute(
-            "INSERT OR REPLACE INTO documents (id, doc, is_blurred, sortout, has_review, n_annotators)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO documents"
+            " (id, doc, is_blurred, sortout, has_review, n_annotators) VALUES (?, ?, ?, ?, ?, ?)",
             (doc_id, text, is_blurred, sortout, has_review, n_annotators),
         )
         self._db.execute("DELETE FROM label_paths WHERE doc_id = ?", (doc_id,))

@@ -1,0 +1,292 @@
+"""The Azure ML component contracts: the YAML specs, their entry points and the config models.
+
+The specs are checked against the config models field by field so that the contract and the
+configuration cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+from azure.ai.ml import load_component
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from sslpipe.component_cli import build_parser, load_spec, parse_bool, run_component
+from sslpipe.config import DataPrepConfig, MocoConfig
+from sslpipe.filters import ImageFilter, filter_argument
+from sslpipe.moco.backbone import BACKBONES
+
+REPO = Path(__file__).resolve().parents[2]
+COMPONENTS = ("connect_db", "data_prep", "moco_train")
+PLACEHOLDER = re.compile(r"\$\{\{(inputs|outputs)\.(\w+)\}\}")
+YAML_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string"}
+
+
+def spec_path(name: str) -> Path:
+    return REPO / "components" / name / "component.yaml"
+
+
+def spec(name: str) -> dict[str, Any]:
+    return load_spec(spec_path(name))
+
+
+def constraint(field: FieldInfo, name: str) -> Any:
+    return next((getattr(m, name) for m in field.metadata if hasattr(m, name)), None)
+
+
+def assert_inputs_mirror(model: type[BaseModel], inputs: dict[str, Any]) -> None:
+    """Each model field is an input of the same type, default and bounds."""
+    for name, field in model.model_fields.items():
+        meta = inputs[name]
+        assert meta["type"] == YAML_TYPES[field.annotation], name  # type: ignore[index]
+        assert meta["default"] == field.default, name
+        assert type(meta["default"]) is field.annotation or (
+            field.annotation is float and isinstance(meta["default"], int | float)
+        ), name
+        if "min" in meta:
+            assert meta["min"] == constraint(field, "ge"), name
+        if "max" in meta:
+            assert meta["max"] == constraint(field, "le"), name
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_every_component_loads_with_azure_ml(name: str) -> None:
+    component = load_component(source=spec_path(name))
+    assert component.name == f"sslpipe_{name}"
+    assert set(component.inputs) == set(spec(name)["inputs"])
+    assert set(component.outputs) == set(spec(name)["outputs"])
+
+
+def test_moco_train_inputs_are_exactly_the_moco_config_plus_data_and_resume() -> None:
+    inputs = spec("moco_train")["inputs"]
+    assert set(inputs) == set(MocoConfig.model_fields) | {"data", "resume"}
+    assert inputs["data"]["type"] == "uri_folder"
+    assert inputs["resume"]["type"] == "boolean"
+    assert_inputs_mirror(MocoConfig, inputs)
+
+
+def test_the_moco_train_backbone_choices_are_the_known_backbones() -> None:
+    assert tuple(spec("moco_train")["inputs"]["backbone"]["enum"]) == BACKBONES
+
+
+def test_data_prep_inputs_mirror_the_data_prep_config() -> None:
+    inputs = spec("data_prep")["inputs"]
+    assert set(inputs) == set(DataPrepConfig.model_fields) | {"selection", "blob_uri"}
+    assert_inputs_mirror(DataPrepConfig, inputs)
+
+
+def test_the_connect_db_filter_default_is_the_default_filter() -> None:
+    inputs = spec("connect_db")["inputs"]
+    assert ImageFilter.model_validate_json(inputs["filter"]["default"]) == ImageFilter()
+    assert inputs["label_level"]["default"] == 1
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_every_placeholder_is_declared_and_every_declaration_is_used(name: str) -> None:
+    data = spec(name)
+    used = PLACEHOLDER.findall(data["command"])
+    for kind in ("inputs", "outputs"):
+        names = [n for k, n in used if k == kind]
+        assert sorted(names) == sorted(data[kind]), kind  # each exactly once
+    # ... and each value follows the flag of the same name.
+    pairs = re.findall(r"--(\w+) '?\$\{\{(?:inputs|outputs)\.(\w+)\}\}", data["command"])
+    assert len(pairs) == len(used)
+    assert all(flag == value for flag, value in pairs), pairs
+    assert data["command"].startswith(f"python -m components.{name}.main ")
+
+
+def sample(meta: dict[str, Any], name: str) -> str:
+    kind = meta["type"]
+    if kind == "boolean":
+        return "True"  # Azure ML renders booleans capitalised
+    if kind in ("integer", "number"):
+        return str(meta.get("default", 3) if meta.get("default") is not None else 3)
+    if name == "filter":
+        return filter_argument(ImageFilter(include_labels=[["it's", "日本"]], limit=5))
+    if kind == "string":
+        return str(meta.get("default") or f"{name}-value")
+    return f"/mnt/azureml/{name}"
+
+
+def rendered_argv(name: str) -> list[str]:
+    """The command as Azure ML would run it, placeholders filled in, without ``python -m x``."""
+    data = spec(name)
+
+    def fill(match: re.Match[str]) -> str:
+        kind, key = match.groups()
+        return sample(data[kind][key], key) if kind == "inputs" else f"/mnt/azureml/out/{key}"
+
+    return shlex.split(PLACEHOLDER.sub(fill, data["command"]))[3:]
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_the_generated_parser_accepts_the_rendered_command(name: str) -> None:
+    data = spec(name)
+    args = vars(build_parser(data).parse_args(rendered_argv(name)))
+    assert set(args) == set(data["inputs"]) | set(data["outputs"])
+    for key, meta in data["inputs"].items():
+        expected = {"integer": int, "number": float, "boolean": bool, "string": str}.get(
+            meta["type"], Path
+        )
+        assert isinstance(args[key], expected), key
+    for key in data["outputs"]:
+        assert args[key] == Path(f"/mnt/azureml/out/{key}")
+
+
+def test_a_quoted_filter_reaches_connect_db_intact() -> None:
+    args = vars(build_parser(spec("connect_db")).parse_args(rendered_argv("connect_db")))
+    assert ImageFilter.model_validate_json(args["filter"]) == ImageFilter(
+        include_labels=[["it's", "日本"]], limit=5
+    )
+
+
+def test_inputs_left_out_take_the_yaml_defaults() -> None:
+    data = spec("moco_train")
+    args = vars(build_parser(data).parse_args(["--data", "d", "--model", "m", "--checkpoint", "c"]))
+    for key, meta in data["inputs"].items():
+        if "default" in meta:
+            assert args[key] == meta["default"], key
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_required_inputs_and_outputs_must_be_given(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as err:
+        build_parser(spec(name)).parse_args([])
+    assert err.value.code == 2
+    assert "the following arguments are required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("True", True), ("false", False), (" yes ", True), ("0", False)]
+)
+def test_booleans_are_parsed_from_text(text: str, value: bool) -> None:
+    assert parse_bool(text) is value
+
+
+def test_a_boolean_flag_refuses_other_text(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser(spec("moco_train"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(
+            ["--data", "d", "--model", "m", "--checkpoint", "c", "--small_stem", "maybe"]
+        )
+    assert "expected true or false, found 'maybe'" in capsys.readouterr().err
+
+
+# --- entry points ------------------------------------------------------------------------------
+
+
+def load_main(name: str, monkeypatch: pytest.MonkeyPatch, step: str, function: str) -> Any:
+    """Import ``components/<name>/main.py`` with its step function replaced by a recorder."""
+    calls: list[dict[str, Any]] = []
+    stub = types.ModuleType(f"sslpipe.steps.{step}")
+    setattr(stub, function, lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setitem(sys.modules, f"sslpipe.steps.{step}", stub)
+    module_spec = importlib.util.spec_from_file_location(
+        f"_main_{name}", REPO / "components" / name / "main.py"
+    )
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    module.calls = calls
+    return module
+
+
+def test_moco_train_main_passes_every_config_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_main("moco_train", monkeypatch, "moco_train", "run_moco_train")
+    argv = [
+        "--data",
+        "d",
+        "--model",
+        "m",
+        "--checkpoint",
+        "c",
+        "--epochs",
+        "7",
+        "--resume",
+        "false",
+    ]
+    run_component(spec_path("moco_train"), module.main, argv)
+    (call,) = module.calls
+    assert call["config"] == MocoConfig(epochs=7)
+    assert call["resume"] is False
+    assert (call["data_dir"], call["model_dir"], call["checkpoint_dir"]) == (
+        Path("d"),
+        Path("m"),
+        Path("c"),
+    )
+
+
+def test_data_prep_main_passes_its_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_main("data_prep", monkeypatch, "data_prep", "run_data_prep")
+    argv = ["--selection", "s", "--blob_uri", "file:///b", "--data", "o", "--image_size", "36"]
+    run_component(spec_path("data_prep"), module.main, argv)
+    assert module.calls == [
+        {
+            "ids_dir": Path("s"),
+            "blob_uri": "file:///b",
+            "output_dir": Path("o"),
+            "image_size": 36,
+            "concurrency": DataPrepConfig().concurrency,
+            "max_skipped_fraction": DataPrepConfig().max_skipped_fraction,
+        }
+    ]
+
+
+def test_an_expected_error_exits_1_with_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
+    def main(args: dict[str, Any]) -> None:
+        raise ValueError("first line\n  second line")
+
+    argv = ["--metadata_uri", "sqlite:///x", "--blob_uri", "file:///b", "--selection", "s"]
+    with pytest.raises(SystemExit) as err:
+        run_component(spec_path("connect_db"), main, argv)
+    assert err.value.code == 1
+    last = capsys.readouterr().err.rstrip("\n").splitlines()[-1]
+    assert last == "error: sslpipe_connect_db: first line second line"
+
+
+def connect_db(catalog: Any, *extra: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable, "-m", "components.connect_db.main",
+        "--metadata_uri", catalog.metadata_uri,
+        "--blob_uri", catalog.blob_uri,
+        "--selection", str(catalog.root / "selection"),
+        *extra,
+    ]  # fmt: skip
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_connect_db_runs_as_a_module_and_writes_its_outputs(tiny_catalog: Any) -> None:
+    result = connect_db(tiny_catalog, "--filter", filter_argument(ImageFilter(labelled="labelled")))
+    assert result.returncode == 0, result.stderr
+    out = tiny_catalog.root / "selection"
+    assert sorted(p.name for p in out.iterdir()) == ["containers.json", "ids.csv", "selection.json"]
+    assert (out / "ids.csv").read_text().splitlines()[1:] == [
+        "a.jpeg,a.jpeg,hash-a.jpeg,Even",
+        "b.jpeg,b.jpeg,hash-b.jpeg,Odd",
+        "f.jpeg,f.jpeg,hash-f.jpeg,",
+    ]
+
+
+@pytest.mark.parametrize("bad_filter", ["{not json", '{"limit": 0}'])
+def test_connect_db_with_a_bad_filter_exits_1_with_a_one_line_error(
+    tiny_catalog: Any, bad_filter: str
+) -> None:
+    result = connect_db(tiny_catalog, "--filter", bad_filter)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith("error: sslpipe_connect_db: ")
+    assert "ImageFilter" in errors[0]
+    assert result.stderr.rstrip("\n").splitlines()[-1] == errors[0]
+    assert not (tiny_catalog.root / "selection").exists()

@@ -1,0 +1,130 @@
+"""End to end: ``python execute.py --pipeline moco`` on the embedded default, tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = [
+    "filter.limit=64",
+    "data_prep.image_size=36",
+    "moco.image_size=32",
+    "moco.epochs=1",
+    "moco.batch_size=32",
+    "moco.projection_hidden_dim=128",
+    "moco.num_workers=0",
+]
+
+pytestmark = pytest.mark.e2e
+
+
+def execute(
+    workspace: Path, *extra: str, sets: list[str] = TINY
+) -> subprocess.CompletedProcess[str]:
+    args = [sys.executable, "execute.py", "--pipeline", "moco", "--set", f"workspace={workspace}"]
+    for item in sets:
+        args += ["--set", item]
+    return subprocess.run(
+        [*args, *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+@pytest.fixture(scope="module")
+def first_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    workspace = tmp_path_factory.mktemp("workspace")
+    return workspace, execute(workspace)
+
+
+def test_first_run_builds_the_demo_catalog_and_registers_a_backbone(first_run) -> None:
+    workspace, result = first_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "building the DEMO catalog" in result.stdout
+    assert "registered model moco-backbone version 1" in result.stdout
+    records = list((workspace / "runs").glob("*/run.json"))
+    assert len(records) == 1
+    record = json.loads(records[0].read_text())
+    assert record["status"] == "completed"
+    assert list(record["steps"]) == ["connect_db", "data_prep", "moco_train"]
+    assert all(step["status"] == "completed" for step in record["steps"].values())
+
+
+def test_every_step_line_is_prefixed_and_kept_in_the_step_log(first_run) -> None:
+    workspace, result = first_run
+    assert "[connect_db] " in result.stdout and "[moco_train] " in result.stdout
+    logs = {p.parent.name: p.read_text() for p in (workspace / "runs").glob("*/*/log.txt")}
+    assert "selected 64 of 1797 documents" in logs["connect_db"]
+    assert "epoch 1/1" in logs["moco_train"]
+
+
+def test_second_run_reuses_the_unchanged_steps_and_says_so(first_run) -> None:
+    workspace, _ = first_run
+    result = execute(workspace)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[data_prep] reused" in result.stdout
+    assert "[moco_train] reused" in result.stdout
+    assert "building the DEMO catalog" not in result.stdout
+    latest = sorted((workspace / "runs").glob("*/run.json"))[-1]
+    steps = json.loads(latest.read_text())["steps"]
+    assert steps["connect_db"]["status"] == "completed"  # reads a live store: never reused
+    assert steps["data_prep"]["status"] == steps["moco_train"]["status"] == "reused"
+
+
+def test_registered_backbone_loads_in_a_fresh_process(first_run) -> None:
+    workspace, _ = first_run
+    images = sorted((workspace / "blobs" / "images").glob("*.jpeg"))[:3]
+    script = (
+        "import sys, mlflow\n"
+        "from sslpipe.registry import load_backbone\n"
+        "backbone, config = load_backbone('moco-backbone/1')\n"
+        "assert config['lineage']['num_images'] == 64, config['lineage']\n"
+        "embedder = mlflow.pyfunc.load_model('models:/moco-backbone/1')\n"
+        "vectors = embedder.predict(sys.argv[1:])\n"
+        "print('shape', vectors.shape)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, images)],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shape (3, 512)" in result.stdout
+
+
+def test_a_config_typo_is_one_clear_line_and_runs_nothing(tmp_path: Path) -> None:
+    result = execute(tmp_path, sets=["moco.epoch=2"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: unknown configuration key 'moco.epoch'; did you mean 'moco.epochs'?"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_prints_the_resolved_steps_and_runs_nothing(tmp_path: Path) -> None:
+    result = execute(tmp_path, "--dry-run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for step in ("connect_db", "data_prep", "moco_train"):
+        assert f"step {step}" in result.stdout
+    assert "epochs = 1" in result.stdout
+    assert not (tmp_path / "metadata.db").exists()
+
+
+def test_an_empty_store_without_the_demo_is_a_clear_error(tmp_path: Path) -> None:
+    result = execute(tmp_path, "--no-demo")
+    assert result.returncode == 2
+    assert "is empty and --no-demo was given" in result.stderr
