@@ -9,6 +9,7 @@ import contextlib
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,8 @@ def register_backbone(
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("register_backbone needs an active MLflow run")
+    # MLflow asks for type hints on predict; this model takes paths, bytes and arrays alike.
+    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
     info = mlflow.pyfunc.log_model(
         name="backbone",
         python_model=str(_PYFUNC_BACKBONE),

@@ -45,8 +45,8 @@ from sslpipe.executor.record import (
     RunRecord,
     StepRecord,
     utc_now,
-    write_json_atomic,
 )
+from sslpipe.io import write_json
 
 CACHE_KEY_VERSION = 1
 """Bump when the cache key's recipe changes, so old cache entries stop matching."""
@@ -276,7 +276,7 @@ class LocalExecutor:
                 "continue it or choose another run id"
             )
         run_dir.mkdir(parents=True)
-        write_json_atomic(run_dir / "graph.json", graph.to_dict())
+        write_json(run_dir / "graph.json", graph.to_dict())
         record = RunRecord(
             run_id=run_id,
             pipeline=graph.name,
@@ -589,7 +589,7 @@ class LocalExecutor:
         return entry
 
     def _remember(self, cache_key: str, run_id: str, step: str, outputs: Mapping[str, str]) -> None:
-        write_json_atomic(
+        write_json(
             self.cache_dir / f"{cache_key}.json",
             {"run_id": run_id, "step": step, "outputs": dict(outputs), "created": utc_now()},
         )

@@ -7,12 +7,12 @@ record that says which steps finished; :meth:`LocalExecutor.resume` relies on th
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from sslpipe.io import write_json
 
 RUN_STATUSES = ("running", "completed", "failed")
 STEP_STATUSES = ("pending", "running", "completed", "reused", "failed", "skipped")
@@ -23,24 +23,6 @@ DONE_STEP_STATUSES = frozenset({"completed", "reused"})
 def utc_now() -> str:
     """The current time as an ISO 8601 string with a UTC offset (seconds precision)."""
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that readers see either the old or the new file, never half of one.
-
-    The temporary file lives in the target's folder because ``os.replace`` is only atomic
-    within one file system.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -104,7 +86,7 @@ class RunRecord:
 
     def save(self, path: Path) -> None:
         """Write the record to ``path`` atomically."""
-        write_json_atomic(Path(path), self.to_dict())
+        write_json(Path(path), self.to_dict())
 
     @classmethod
     def load(cls, path: Path) -> RunRecord:
