@@ -77,6 +77,63 @@ class MocoConfig(_Section):
         return value
 
 
+class LabelsConfig(_Section):
+    """connect_db's labelled mode: label resolution, split and class balance (classifier)."""
+
+    level: int = Field(1, ge=1, description="taxonomy level of the label (1 = first level)")
+    min_agreement: float = Field(
+        0.0, ge=0, le=1, description="share of annotators that must agree on the winner"
+    )
+    split: tuple[float, float, float] = Field(
+        (0.6, 0.2, 0.2), description="train, val and test shares, stratified by label"
+    )
+    seed: int = Field(0, description="seed of the split and of the oversampling")
+    pin_sortout_testset: bool = Field(
+        True, description="images with sortout_testset = true always go to the test split"
+    )
+    balance: Literal["oversample", "class_weight", "none"] = Field(
+        "oversample", description="random oversampling of the train split, or a weighted loss"
+    )
+
+    @field_validator("split")
+    @classmethod
+    def _shares(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(v < 0 for v in value) or abs(sum(value) - 1.0) > 1e-6 or value[0] <= 0:
+            raise ValueError(f"split {list(value)} must be 3 non-negative shares summing to 1")
+        return value
+
+
+class ClassifierConfig(_Section):
+    """classifier_train: the seed's head on a (frozen) backbone."""
+
+    backbone: str = Field(
+        "moco-backbone@latest",
+        description="registered backbone (name, name/3, name@alias) or torchvision:resnet18",
+    )
+    mode: Literal["head", "two_stage"] = Field(
+        "head", description="frozen backbone with head only, or probe then fine-tune"
+    )
+    hidden_dim: int = Field(256, ge=1)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    image_size: int = Field(64, ge=8, le=1024)
+    epochs: int = Field(30, ge=1, description="head training epochs (stage 1)")
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the head")
+    weight_decay: float = Field(1e-4, ge=0)
+    finetune_epochs: int = Field(10, ge=0, description="stage 2 epochs in two_stage mode")
+    finetune_lr: float = Field(1e-4, gt=0, description="stage 2 learning rate, whole network")
+    patience: int = Field(8, ge=1, description="early stopping on validation macro-F1")
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class EvaluateConfig(_Section):
+    min_macro_f1: float = Field(
+        0.5, ge=0, le=1, description="quality gate for the 'candidate' alias"
+    )
+    model_name: str = Field("image-classifier", min_length=1, description="registered name")
+
+
 class PipelineConfig(_Section):
     workspace: Path = Field(Path(".sslpipe"), description="local folder for stores, runs, MLflow")
     experiment: str = Field("sslpipe", min_length=1, description="MLflow experiment name")
@@ -86,6 +143,9 @@ class PipelineConfig(_Section):
     filter: ImageFilter = ImageFilter()
     data_prep: DataPrepConfig = DataPrepConfig()
     moco: MocoConfig = MocoConfig()
+    labels: LabelsConfig = LabelsConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @property
     def workspace_dir(self) -> Path:

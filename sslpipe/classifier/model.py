@@ -1,0 +1,123 @@
+"""The image classifier: backbone plus the seed's head, and its model folder.
+
+Format ``sslpipe.classifier/v1``::
+
+    classifier.pt    state_dict of :class:`ImageClassifier` ("backbone.*", "head.*"); tensors
+                     only, loaded with weights_only=True
+    classifier.json  {"format", "backbone": BackboneSpec, "feature_dim", "hidden_dim",
+                      "dropout", "classes": [label, ...] (index order), "image_size",
+                      "mean", "std", "lineage": {...}}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sslpipe.io import atomic_path, read_json, write_json
+from sslpipe.moco.augment import IMAGENET_MEAN, IMAGENET_STD
+from sslpipe.moco.backbone import BackboneSpec, build_backbone
+
+CLASSIFIER_FORMAT = "sslpipe.classifier/v1"
+WEIGHTS_FILE = "classifier.pt"
+CONFIG_FILE = "classifier.json"
+
+
+class ClassifierHead(nn.Sequential):
+    """Linear -> ReLU -> Dropout -> Linear, the seed's head (chapter 5.2).
+
+    Input (N, feature_dim), output logits (N, num_classes).
+    """
+
+    def __init__(
+        self, feature_dim: int, num_classes: int, *, hidden_dim: int = 256, dropout: float = 0.5
+    ) -> None:
+        if num_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, found {num_classes}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), found {dropout}")
+        super().__init__(
+            nn.Linear(feature_dim, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, num_classes),
+        )
+
+
+class ImageClassifier(nn.Module):
+    """``head(backbone(x))``: images (N, 3, H, W) -> logits (N, num_classes)."""
+
+    def __init__(self, backbone: nn.Module, head: ClassifierHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits: Tensor = self.head(self.backbone(x))
+        return logits
+
+
+def save_classifier(
+    folder: Path,
+    model: ImageClassifier,
+    *,
+    spec: BackboneSpec,
+    classes: list[str],
+    hidden_dim: int,
+    dropout: float,
+    image_size: int,
+    lineage: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the classifier folder; the JSON config is written last (its presence = complete)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    config = {
+        "format": CLASSIFIER_FORMAT,
+        "backbone": spec.to_dict(),
+        "feature_dim": build_backbone(spec)[1],
+        "hidden_dim": hidden_dim,
+        "dropout": dropout,
+        "classes": list(classes),
+        "image_size": image_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "lineage": lineage,
+    }
+    write_json(folder / CONFIG_FILE, config)
+    return config
+
+
+def load_classifier_dir(folder: Path) -> tuple[ImageClassifier, dict[str, Any]]:
+    """Rebuild a classifier (eval mode) from its folder.
+
+    Raises:
+        ValueError: when the folder is not a classifier folder, or the label map does not match
+            the head's output size.
+    """
+    config_path = Path(folder) / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"{folder} is not a classifier folder: {CONFIG_FILE} is missing")
+    config = read_json(config_path)
+    if config.get("format") != CLASSIFIER_FORMAT:
+        raise ValueError(
+            f"{config_path}: format {config.get('format')!r} is not {CLASSIFIER_FORMAT!r}"
+        )
+    backbone, feature_dim = build_backbone(BackboneSpec.from_dict(config["backbone"]))
+    classes = config["classes"]
+    head = ClassifierHead(
+        feature_dim, len(classes), hidden_dim=config["hidden_dim"], dropout=config["dropout"]
+    )
+    model = ImageClassifier(backbone, head)
+    state = torch.load(Path(folder) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    out_features = state.get("head.3.weight", torch.empty(0)).shape[0]
+    if out_features != len(classes):
+        raise ValueError(
+            f"{folder}: the label map has {len(classes)} classes but the head predicts "
+            f"{out_features}; the classifier folder is inconsistent"
+        )
+    model.load_state_dict(state)
+    return model.eval(), config
