@@ -15,4 +15,20 @@ def _moco(config: PipelineConfig) -> PipelineJob:
     return moco.build(config)
 
 
-PIPELINES: dict[str, Callable[[PipelineConfig], PipelineJob]] = {"moco": _moco}
+def _classifier(config: PipelineConfig) -> PipelineJob:
+    from pipelines import classifier
+
+    return classifier.build(config)
+
+
+def _full(config: PipelineConfig) -> PipelineJob:
+    from pipelines import classifier
+
+    return classifier.build_full(config)
+
+
+PIPELINES: dict[str, Callable[[PipelineConfig], PipelineJob]] = {
+    "moco": _moco,
+    "classifier": _classifier,
+    "full": _full,
+}

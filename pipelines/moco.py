@@ -10,31 +10,24 @@ from typing import Any
 from azure.ai.ml import dsl
 from azure.ai.ml.entities import PipelineJob
 
-from pipelines.components import component
+from pipelines.steps import moco_training, select_and_prepare
 from sslpipe.config import PipelineConfig
 from sslpipe.filters import filter_argument
 
 
 def build(config: PipelineConfig) -> PipelineJob:
     """The moco pipeline job with every input bound from ``config``."""
-    prep = config.data_prep
-    moco = config.moco.model_dump(mode="json")
 
-    @dsl.pipeline(
-        None, name="moco", description="MoCo v2 pre-training on images selected from the catalog"
-    )
+    @dsl.pipeline(None, name="moco", description="MoCo v2 pre-training on catalog images")
     def moco_pipeline(metadata_uri: str, blob_uri: str, image_filter: str) -> dict[str, Any]:
-        connect_db = component("connect_db")(
-            metadata_uri=metadata_uri, blob_uri=blob_uri, filter=image_filter
-        )
-        data_prep = component("data_prep")(
-            selection=connect_db.outputs.selection,
+        data_prep = select_and_prepare(
+            config,
+            metadata_uri=metadata_uri,
             blob_uri=blob_uri,
-            image_size=prep.image_size,
-            concurrency=prep.concurrency,
-            max_skipped_fraction=prep.max_skipped_fraction,
+            image_filter=image_filter,
+            labelled=False,
         )
-        moco_train = component("moco_train")(data=data_prep.outputs.data, **moco)
+        moco_train = moco_training(config, data=data_prep.outputs.data)
         return {"backbone": moco_train.outputs.model}
 
     job: PipelineJob = moco_pipeline(

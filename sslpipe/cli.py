@@ -22,18 +22,26 @@ EPILOG = """\
 examples:
   python execute.py --pipeline moco
   python execute.py --pipeline moco --set moco.epochs=10 --set filter.limit=500
+  python execute.py --pipeline classifier --set classifier.backbone=moco-backbone@latest
+  python execute.py --pipeline classifier --set classifier.backbone=torchvision:resnet18
+  python execute.py --pipeline full                     # moco, classifier and baseline
   python execute.py --pipeline moco --config my.yaml --dry-run
   python execute.py --pipeline moco --resume            # continue the last failed run
 
-configuration keys (defaults in sslpipe/config.py; --set KEY=VALUE parses VALUE as YAML):
-  workspace, experiment, demo, stores.{metadata_uri,blob_uri,tracking_uri},
-  filter.{exclude_blurred,sortout,labelled,include_labels,exclude_labels,min_annotators,
-          require_review,limit},
-  data_prep.{image_size,concurrency,max_skipped_fraction},
-  moco.{backbone,small_stem,image_size,epochs,batch_size,lr,sgd_momentum,weight_decay,
-        queue_size,key_momentum,temperature,projection_dim,projection_hidden_dim,
-        vertical_flip,rotation_degrees,num_workers,seed,knn_k,model_name}
+configuration keys (--set KEY=VALUE parses VALUE as YAML; defaults in sslpipe/config.py):
 """
+
+
+def _epilog() -> str:
+    from sslpipe.config import PipelineConfig, known_keys
+
+    sections: dict[str, list[str]] = {}
+    for key in known_keys(PipelineConfig):
+        section, _, name = key.rpartition(".")
+        sections.setdefault(section, []).append(name)
+    lines = [f"  {', '.join(sections.pop(''))}"]
+    lines += [f"  {section}.{{{','.join(names)}}}" for section, names in sections.items()]
+    return EPILOG + "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="execute.py",
         description="Run a self-supervised learning pipeline on an image catalog.",
-        epilog=EPILOG,
+        epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -215,6 +223,9 @@ def _print_summary(config: PipelineConfig, record: Any) -> None:
     for name, step in record.steps.items():
         for output, path in (step.outputs or {}).items():
             _echo(f"[sslpipe]   {name}.{output}: {path}")
+            report = Path(path) / "report.md"
+            if report.is_file():
+                _echo(f"[sslpipe] report: {report}")
             registered = Path(path) / "registered_model.json"
             if registered.is_file():
                 info = read_json(registered)

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sslpipe.architectures import BACKBONES
 from sslpipe.filters import ImageFilter
-from sslpipe.moco.backbone import BACKBONES
 
 
 class ConfigError(ValueError):
@@ -123,6 +123,9 @@ class ClassifierConfig(_Section):
     finetune_epochs: int = Field(10, ge=0, description="stage 2 epochs in two_stage mode")
     finetune_lr: float = Field(1e-4, gt=0, description="stage 2 learning rate, whole network")
     patience: int = Field(8, ge=1, description="early stopping on validation macro-F1")
+    vertical_flip: bool = Field(
+        False, description="also flip training images vertically (no canonical orientation)"
+    )
     num_workers: int = Field(0, ge=0)
     seed: int = 0
 
@@ -190,12 +193,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+def known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys.extend(_known_keys(annotation, f"{prefix}{name}."))
+            keys.extend(known_keys(annotation, f"{prefix}{name}."))
         else:
             keys.append(f"{prefix}{name}")
     return keys
@@ -212,7 +215,7 @@ def _apply(tree: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def _format_error(err: ValidationError) -> str:
-    known = _known_keys(PipelineConfig)
+    known = known_keys(PipelineConfig)
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":

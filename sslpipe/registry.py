@@ -1,6 +1,12 @@
 """The model registry: MLflow, with a local sqlite store or an Azure ML workspace's URI.
 
 Models are referred to as ``name`` (latest version), ``name/3`` (a version) or ``name@alias``.
+
+Two kinds of models are registered, both as MLflow pyfunc models defined by code (no pickles):
+the MoCo backbone (images -> embeddings, :func:`register_backbone`) and the image classifier
+(images -> labels and probabilities, :func:`register_classifier`). Aliases mark the stages:
+``candidate`` (set by the evaluate step when the quality gate passes) and ``production`` (set
+by a person with :func:`promote`, e.g. ``python -m sslpipe promote image-classifier@candidate``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ _REF = re.compile(
     r"^(?P<name>[A-Za-z0-9][\w.\-]*)(?:/(?P<version>\d+|latest)|@(?P<alias>[\w\-]+))?$"
 )
 _PYFUNC_BACKBONE = Path(__file__).parent / "serving" / "backbone_model.py"
+_PYFUNC_CLASSIFIER = Path(__file__).parent / "serving" / "classifier_model.py"
+_ALIAS = re.compile(r"^[A-Za-z_][\w\-]*$")
+_PIP_REQUIREMENTS = ["torch", "torchvision", "pillow", "pandas", "numpy", "mlflow"]
 
 
 class ModelReferenceError(ValueError):
@@ -64,12 +73,7 @@ def configure_tracking(
 
 def model_uri(reference: str) -> str:
     """``name`` | ``name/version`` | ``name@alias`` -> an MLflow ``models:/`` URI."""
-    match = _REF.match(reference.strip())
-    if not match:
-        raise ModelReferenceError(
-            f"model reference {reference!r} is not valid; expected 'name', 'name/3' or 'name@alias'"
-        )
-    name, version, alias = match["name"], match["version"], match["alias"]
+    name, version, alias = parse_reference(reference)
     if alias:
         return f"models:/{name}@{alias}"
     if version and version != "latest":
@@ -82,6 +86,20 @@ def model_uri(reference: str) -> str:
         )
     latest = max(int(v.version) for v in versions)
     return f"models:/{name}/{latest}"
+
+
+def parse_reference(reference: str) -> tuple[str, str | None, str | None]:
+    """``name`` | ``name/3`` | ``name@alias`` -> ``(name, version or None, alias or None)``.
+
+    Raises:
+        ModelReferenceError: the reference does not follow that grammar.
+    """
+    match = _REF.match(reference.strip())
+    if not match:
+        raise ModelReferenceError(
+            f"model reference {reference!r} is not valid; expected 'name', 'name/3' or 'name@alias'"
+        )
+    return match["name"], match["version"], match["alias"]
 
 
 def _safe_name(name: str) -> bool:
@@ -97,17 +115,61 @@ def register_backbone(
     The pyfunc is defined by code (models-from-code), not by a pickled object, and returns
     embeddings for image paths, bytes or arrays.
     """
+    return _register_pyfunc(
+        model_dir,
+        artifact="backbone",
+        python_model=_PYFUNC_BACKBONE,
+        name=name,
+        tags=tags,
+        description=description,
+        caller="register_backbone",
+    )
+
+
+def register_classifier(
+    model_dir: Path, *, name: str, tags: dict[str, str], description: str = ""
+) -> dict[str, Any]:
+    """Log a classifier folder (``sslpipe.classifier/v1``) as a pyfunc in the active run and
+    register it as a new version of ``name``.
+
+    The pyfunc (:class:`sslpipe.serving.classifier.ImageClassifierModel`) is defined by code
+    and returns one row per image: label, confidence, ``prob_<class>`` columns and error.
+
+    Returns:
+        ``{"name", "version", "uri", "run_id"}`` of the new version.
+    """
+    return _register_pyfunc(
+        model_dir,
+        artifact="classifier",
+        python_model=_PYFUNC_CLASSIFIER,
+        name=name,
+        tags=tags,
+        description=description,
+        caller="register_classifier",
+    )
+
+
+def _register_pyfunc(
+    model_dir: Path,
+    *,
+    artifact: str,
+    python_model: Path,
+    name: str,
+    tags: dict[str, str],
+    description: str,
+    caller: str,
+) -> dict[str, Any]:
     run = mlflow.active_run()
     if run is None:
-        raise RuntimeError("register_backbone needs an active MLflow run")
-    # MLflow asks for type hints on predict; this model takes paths, bytes and arrays alike.
+        raise RuntimeError(f"{caller} needs an active MLflow run")
+    # MLflow asks for type hints on predict; these models take paths, bytes and arrays alike.
     warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
     info = mlflow.pyfunc.log_model(
-        name="backbone",
-        python_model=str(_PYFUNC_BACKBONE),
-        artifacts={"backbone": str(model_dir)},
+        name=artifact,
+        python_model=str(python_model),
+        artifacts={artifact: str(model_dir)},
         code_paths=[str(Path(__file__).parent)],
-        pip_requirements=["torch", "torchvision", "pillow", "pandas", "numpy", "mlflow"],
+        pip_requirements=_PIP_REQUIREMENTS,
         registered_model_name=name,
         await_registration_for=0,
     )
@@ -123,6 +185,137 @@ def register_backbone(
         "uri": f"models:/{name}/{version}",
         "run_id": run.info.run_id,
     }
+
+
+def resolve_version(reference: str) -> tuple[str, str]:
+    """``name`` | ``name/3`` | ``name@alias`` -> ``(name, version)`` of an existing version.
+
+    Raises:
+        ModelReferenceError: the reference is malformed, or the model, version or alias does
+            not exist (the message lists what does).
+    """
+    name, version, alias = parse_reference(reference)
+    client = MlflowClient()
+    versions = _versions(client, name)
+    if not versions:
+        raise ModelReferenceError(
+            f"no registered model named {name!r} in {mlflow.get_tracking_uri()}"
+        )
+    if alias:
+        aliases = _aliases(client, name)
+        if alias not in aliases:
+            known = ", ".join(f"@{a} (version {v})" for a, v in sorted(aliases.items()))
+            raise ModelReferenceError(
+                f"registered model {name!r} has no alias {alias!r}; "
+                + (f"its aliases are {known}" if known else "it has no aliases")
+            )
+        return name, aliases[alias]
+    if version and version != "latest":
+        if version not in versions:
+            raise ModelReferenceError(
+                f"registered model {name!r} has no version {version}; "
+                f"its versions are {', '.join(sorted(versions, key=int))}"
+            )
+        return name, version
+    return name, max(versions, key=int)
+
+
+def _versions(client: MlflowClient, name: str) -> list[str]:
+    if not _safe_name(name):
+        return []
+    return [str(v.version) for v in client.search_model_versions(f"name = '{name}'")]
+
+
+def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    try:
+        model = client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        return {}
+    return {alias: str(version) for alias, version in (model.aliases or {}).items()}
+
+
+def set_alias(name: str, version: str | int, alias: str) -> None:
+    """Point ``name@alias`` at ``version`` (moving it from another version if needed).
+
+    Raises:
+        ModelReferenceError: the alias is not a valid alias name, or the version does not exist.
+    """
+    if not _ALIAS.match(alias) or alias == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise ModelReferenceError(
+            f"alias {alias!r} is not valid; use letters, digits, '_' and '-', starting with a "
+            "letter (not 'latest' or 'v<number>')"
+        )
+    name, version = resolve_version(f"{name}/{version}")
+    MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def promote(reference: str, alias: str = "production") -> dict[str, Any]:
+    """Set ``alias`` on the version ``reference`` names (``name``, ``name/3``, ``name@alias``).
+
+    Returns:
+        ``{"name", "version", "alias", "uri", "previous"}``; ``previous`` is the version the
+        alias pointed at before, or None.
+    """
+    name, version = resolve_version(reference)
+    previous = _aliases(MlflowClient(), name).get(alias)
+    set_alias(name, version, alias)
+    return {
+        "name": name,
+        "version": version,
+        "alias": alias,
+        "uri": f"models:/{name}@{alias}",
+        "previous": previous,
+    }
+
+
+def load_classifier(reference: str) -> Any:
+    """The registered classifier as an MLflow pyfunc model (``predict(images) -> DataFrame``).
+
+    Raises:
+        ModelReferenceError: the reference names nothing, or a model that is not a classifier.
+    """
+    name, version = resolve_version(reference)
+    model = _load_pyfunc(reference, f"models:/{name}/{version}")
+    kind = _python_model_kind(model)
+    if kind != "ImageClassifierModel":
+        raise ModelReferenceError(
+            f"{reference!r} ({name} version {version}) is not an image classifier ({kind})"
+        )
+    return model
+
+
+def load_embedder(reference: str) -> Any:
+    """The registered backbone as an MLflow pyfunc model (``predict(images) -> (N, D)``)."""
+    name, version = resolve_version(reference)
+    model = _load_pyfunc(reference, f"models:/{name}/{version}")
+    kind = _python_model_kind(model)
+    if kind != "BackboneEmbedder":
+        raise ModelReferenceError(
+            f"{reference!r} ({name} version {version}) is not a backbone model ({kind})"
+        )
+    return model
+
+
+def _python_model_kind(model: Any) -> str:
+    try:
+        return type(model.unwrap_python_model()).__name__
+    except mlflow.exceptions.MlflowException:
+        return "not an sslpipe pyfunc model"
+
+
+def _load_pyfunc(reference: str, uri: str) -> Any:
+    # MLflow asks for type hints on predict; these models take paths, bytes and arrays alike.
+    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except mlflow.exceptions.MlflowException as err:
+        raise ModelReferenceError(f"cannot load {reference!r} ({uri}): {err.message}") from None
+
+
+def parent_run_tags() -> dict[str, str]:
+    """``mlflow.parentRunId`` from ``$SSLPIPE_MLFLOW_PARENT_RUN_ID`` (set by the executor)."""
+    parent = os.environ.get("SSLPIPE_MLFLOW_PARENT_RUN_ID")
+    return {"mlflow.parentRunId": parent} if parent else {}
 
 
 def download_model(reference: str) -> Path:

@@ -4,16 +4,27 @@ from pathlib import Path
 from typing import Any
 
 from sslpipe.component_cli import run_component
+from sslpipe.config import LabelsConfig
 from sslpipe.filters import ImageFilter
+from sslpipe.labelled import parse_split
 from sslpipe.steps.connect_db import run_connect_db
 
 
 def main(args: dict[str, Any]) -> None:
+    labels = LabelsConfig(
+        level=args["label_level"],
+        min_agreement=args["min_agreement"],
+        split=parse_split(args["split"]),
+        seed=args["split_seed"],
+        pin_sortout_testset=args["pin_sortout_testset"],
+        balance=args["balance"],
+    )
     run_connect_db(
         metadata_uri=args["metadata_uri"],
         blob_uri=args["blob_uri"],
         image_filter=ImageFilter.model_validate_json(args["filter"]),
-        label_level=args["label_level"],
+        mode=args["mode"],
+        labels=labels,
         output_dir=args["selection"],
     )
 

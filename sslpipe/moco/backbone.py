@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 from torchvision import models
 
-BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
+from sslpipe.architectures import BACKBONES
 
 # Width of the pooled feature of each architecture (torchvision's ``fc.in_features``).
 _FEATURE_DIMS: dict[str, int] = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}

@@ -5,9 +5,11 @@ thread pool, so I/O and CPU overlap; images stream through and are never all hel
 
 Outputs (one folder):
     images/<id>      the resized image (JPEG)
-    manifest.csv     id, path (relative to the folder), label, width, height
+    manifest.csv     id, path (relative to the folder), label, width, height, then every other
+                     column of ids.csv but blob_path and file_hash (labelled: split, repeats)
     skipped.csv      id, reason, detail for every image that could not be used
     selection.json   copied from the input, for lineage
+    labels.json      copied from the input when there (connect_db's labelled mode)
     stats.json       counts, skipped per reason, seconds, images/s
 """
 
@@ -37,6 +39,10 @@ from sslpipe.uris import redact_uri
 log = get_logger("data_prep")
 
 MANIFEST_COLUMNS = ("id", "path", "label", "width", "height")
+# ids.csv columns that are not passed through to the manifest (the others are, after these).
+_NOT_PASSED = ("blob_path", "file_hash", *MANIFEST_COLUMNS)
+# Files of the selection folder copied into the output as they are.
+_COPIED = ("selection.json", "labels.json")
 
 
 class TooManySkippedError(RuntimeError):
@@ -136,11 +142,17 @@ def run_data_prep(
     rows = iter(table[["id", "blob_path", "label"]].to_dict("records"))
     outcomes = asyncio.run(_fetch_all(store, rows, output_dir, image_size, concurrency))
     seconds = time.perf_counter() - started
-    return _write_outputs(outcomes, ids_dir, output_dir, seconds, max_skipped_fraction)
+    extra = table[["id", *(c for c in table.columns if c not in _NOT_PASSED)]]
+    return _write_outputs(outcomes, extra, ids_dir, output_dir, seconds, max_skipped_fraction)
 
 
 def _write_outputs(
-    outcomes: list[Outcome], ids_dir: Path, output_dir: Path, seconds: float, max_skipped: float
+    outcomes: list[Outcome],
+    extra: pd.DataFrame,
+    ids_dir: Path,
+    output_dir: Path,
+    seconds: float,
+    max_skipped: float,
 ) -> dict[str, Any]:
     outcomes.sort(key=lambda o: o.id)
     good = [o for o in outcomes if o.reason is None]
@@ -148,6 +160,10 @@ def _write_outputs(
     manifest = pd.DataFrame(
         [(o.id, o.path, o.label, o.width, o.height) for o in good], columns=list(MANIFEST_COLUMNS)
     )
+    if len(extra.columns) > 1:
+        # The id list's own columns (split, repeats, ...) follow the image's, in their order.
+        extra = extra.drop_duplicates("id").astype({"id": str})
+        manifest = manifest.merge(extra, on="id", how="left", validate="many_to_one")
     skipped = pd.DataFrame(
         [(o.id, o.reason, o.detail) for o in bad], columns=["id", "reason", "detail"]
     )
@@ -159,8 +175,11 @@ def _write_outputs(
         "images_per_s": round(len(outcomes) / seconds, 1) if seconds > 0 else None,
     }
     write_csv(output_dir / "skipped.csv", skipped)
-    if (ids_dir / "selection.json").is_file():
-        shutil.copyfile(ids_dir / "selection.json", output_dir / "selection.json")
+    for name in _COPIED:
+        if (ids_dir / name).is_file():
+            shutil.copyfile(ids_dir / name, output_dir / name)
+        else:
+            (output_dir / name).unlink(missing_ok=True)  # left by an earlier run
     write_json(output_dir / "stats.json", stats)
     log.info(
         "prepared %d of %d images in %.1f s (%.1f images/s); skipped: %s",

@@ -7,6 +7,7 @@ configuration cannot drift apart.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shlex
 import subprocess
@@ -21,8 +22,9 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from sslpipe.component_cli import build_parser, load_spec, parse_bool, run_component
-from sslpipe.config import DataPrepConfig, MocoConfig
+from sslpipe.config import DataPrepConfig, LabelsConfig, MocoConfig
 from sslpipe.filters import ImageFilter, filter_argument
+from sslpipe.labelled import parse_split
 from sslpipe.moco.backbone import BACKBONES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,6 +90,54 @@ def test_the_connect_db_filter_default_is_the_default_filter() -> None:
     inputs = spec("connect_db")["inputs"]
     assert ImageFilter.model_validate_json(inputs["filter"]["default"]) == ImageFilter()
     assert inputs["label_level"]["default"] == 1
+
+
+# connect_db input -> LabelsConfig field
+LABELS_INPUTS = {
+    "label_level": "level",
+    "min_agreement": "min_agreement",
+    "split": "split",
+    "split_seed": "seed",
+    "pin_sortout_testset": "pin_sortout_testset",
+    "balance": "balance",
+}
+
+
+def test_connect_db_inputs_are_the_store_filter_mode_and_every_labels_field() -> None:
+    inputs = spec("connect_db")["inputs"]
+    assert set(LABELS_INPUTS.values()) == set(LabelsConfig.model_fields)
+    assert set(inputs) == {"metadata_uri", "blob_uri", "filter", "mode", *LABELS_INPUTS}
+    assert inputs["mode"] == {
+        "type": "string",
+        "default": "all",
+        "enum": ["all", "labelled"],
+        "description": inputs["mode"]["description"],
+    }
+
+
+def test_connect_db_label_defaults_and_bounds_are_the_labels_config() -> None:
+    inputs = spec("connect_db")["inputs"]
+    defaults = LabelsConfig()
+    for name, field_name in LABELS_INPUTS.items():
+        default = inputs[name]["default"]
+        expected = getattr(defaults, field_name)
+        assert (parse_split(default) if name == "split" else default) == expected, name
+        field = LabelsConfig.model_fields[field_name]
+        if "min" in inputs[name]:
+            assert inputs[name]["min"] == constraint(field, "ge"), name
+        if "max" in inputs[name]:
+            assert inputs[name]["max"] == constraint(field, "le"), name
+    kinds = {n: m["type"] for n, m in inputs.items() if n in LABELS_INPUTS}
+    assert kinds == {
+        "label_level": "integer",
+        "min_agreement": "number",
+        "split": "string",
+        "split_seed": "integer",
+        "pin_sortout_testset": "boolean",
+        "balance": "string",
+    }
+    balance = LabelsConfig.model_fields["balance"].annotation
+    assert tuple(inputs["balance"]["enum"]) == balance.__args__  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("name", COMPONENTS)
@@ -243,6 +293,63 @@ def test_data_prep_main_passes_its_flags(monkeypatch: pytest.MonkeyPatch) -> Non
     ]
 
 
+CONNECT_DB_ARGV = ["--metadata_uri", "sqlite:///m.db", "--blob_uri", "file:///b"]
+CONNECT_DB_ARGV += ["--selection", "s"]
+
+
+def test_connect_db_main_passes_the_mode_and_a_labels_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    module = load_main("connect_db", monkeypatch, "connect_db", "run_connect_db")
+    run_component(spec_path("connect_db"), module.main, CONNECT_DB_ARGV)
+    argv = [*CONNECT_DB_ARGV, "--mode", "labelled", "--label_level", "2", "--min_agreement", "0.6"]
+    argv += ["--split", "0.7, 0.1, 0.2", "--split_seed", "9", "--pin_sortout_testset", "False"]
+    argv += ["--balance", "class_weight", "--filter", '{"limit": 4}']
+    run_component(spec_path("connect_db"), module.main, argv)
+    default_call, call = module.calls
+    assert default_call == {
+        "metadata_uri": "sqlite:///m.db",
+        "blob_uri": "file:///b",
+        "image_filter": ImageFilter(),
+        "mode": "all",
+        "labels": LabelsConfig(),
+        "output_dir": Path("s"),
+    }
+    assert call["mode"] == "labelled" and call["image_filter"] == ImageFilter(limit=4)
+    assert call["labels"] == LabelsConfig(
+        level=2,
+        min_agreement=0.6,
+        split=(0.7, 0.1, 0.2),
+        seed=9,
+        pin_sortout_testset=False,
+        balance="class_weight",
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--split", "0.6,0.4"], "split '0.6,0.4': expected three comma-separated shares"),
+        (["--split", "0.5,0.5,0.5"], "must be 3 non-negative shares summing to 1"),
+        (["--balance", "smote"], "balance"),
+        (["--min_agreement", "1.5"], "min_agreement"),
+    ],
+)
+def test_connect_db_main_refuses_bad_label_settings_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    message: str,
+) -> None:
+    module = load_main("connect_db", monkeypatch, "connect_db", "run_connect_db")
+    with pytest.raises(SystemExit) as err:
+        run_component(spec_path("connect_db"), module.main, [*CONNECT_DB_ARGV, *flags])
+    assert err.value.code == 1
+    last = capsys.readouterr().err.rstrip("\n").splitlines()[-1]
+    assert last.startswith("error: sslpipe_connect_db: ") and message in last
+    assert module.calls == []
+
+
 def test_an_expected_error_exits_1_with_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
     def main(args: dict[str, Any]) -> None:
         raise ValueError("first line\n  second line")
@@ -290,3 +397,32 @@ def test_connect_db_with_a_bad_filter_exits_1_with_a_one_line_error(
     assert "ImageFilter" in errors[0]
     assert result.stderr.rstrip("\n").splitlines()[-1] == errors[0]
     assert not (tiny_catalog.root / "selection").exists()
+
+
+def test_connect_db_runs_in_labelled_mode_as_a_module(
+    tiny_catalog: Any, make_document: Any
+) -> None:
+    tiny_catalog.add(
+        *(make_document(f"even{i}.jpeg", (701, ["Even", "2"])) for i in range(5)),
+        *(make_document(f"odd{i}.jpeg", (701, ["Odd", "3"])) for i in range(4)),
+    )
+    flags = ["--mode", "labelled", "--split", "0.5,0.25,0.25", "--split_seed", "3"]
+    result = connect_db(tiny_catalog, *flags, "--balance", "class_weight")
+    assert result.returncode == 0, result.stderr
+    out = tiny_catalog.root / "selection"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "containers.json",
+        "ids.csv",
+        "labels.json",
+        "selection.json",
+    ]
+    lines = (out / "ids.csv").read_text().splitlines()
+    assert lines[0] == "id,blob_path,file_hash,label,split,repeats"
+    assert len(lines) == 1 + 11  # a and 5 Even, b and 4 Odd; c (unlabelled) and f (tie) dropped
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["classes"] == ["Even", "Odd"] and labels["level"] == 1
+    assert set(labels["class_weights"]) == {"Even", "Odd"}
+    selection = json.loads((out / "selection.json").read_text())
+    assert selection["mode"] == "labelled" and selection["split_seed"] == 3
+    assert selection["dropped"] == {"unlabelled": 1, "too_shallow": 0, "tie": 1, "low_agreement": 0}
+    assert selection["counts_before_oversampling"]["train"] == {"Even": 3, "Odd": 3}

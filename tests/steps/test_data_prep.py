@@ -191,3 +191,63 @@ def test_a_missing_blob_container_is_a_store_error(tiny_catalog: Any) -> None:
             output_dir=tiny_catalog.root / "data",
             image_size=24,
         )
+
+
+def test_a_labelled_selection_carries_split_repeats_and_the_label_map_through(
+    broken_catalog: Any,
+) -> None:
+    ids_dir = broken_catalog.root / "ids"
+    ids_dir.mkdir()
+    pd.DataFrame(
+        [
+            ("a.jpeg", "a.jpeg", "hash-a", "Even", "train", 1, "x"),
+            ("b.jpeg", "b.jpeg", "hash-b", "Odd", "train", 3, ""),
+            ("c.jpeg", "c.jpeg", "hash-c", "Odd", "val", 1, "y"),
+            ("missing.jpeg", "missing.jpeg", "", "Even", "test", 1, ""),
+            ("d.jpeg", "d.jpeg", "hash-d", "Even", "test", 1, "z"),
+        ],
+        columns=["id", "blob_path", "file_hash", "label", "split", "repeats", "note"],
+    ).to_csv(ids_dir / "ids.csv", index=False)
+    label_map = {"classes": ["Even", "Odd"], "index": {"Even": 0, "Odd": 1}, "level": 1,
+                 "class_weights": None}  # fmt: skip
+    (ids_dir / "labels.json").write_text(json.dumps(label_map), encoding="utf-8")
+    (ids_dir / "selection.json").write_text('{"mode": "labelled"}', encoding="utf-8")
+    prep(broken_catalog, ids_dir, max_skipped_fraction=0.5)
+    out = broken_catalog.root / "data"
+    manifest = pd.read_csv(out / "manifest.csv", dtype={"note": str}, keep_default_na=False)
+    assert list(manifest.columns) == [*MANIFEST_COLUMNS, "split", "repeats", "note"]
+    assert manifest[["id", "label", "split", "repeats", "note"]].to_dict("records") == [
+        {"id": "a.jpeg", "label": "Even", "split": "train", "repeats": 1, "note": "x"},
+        {"id": "b.jpeg", "label": "Odd", "split": "train", "repeats": 3, "note": ""},
+        {"id": "c.jpeg", "label": "Odd", "split": "val", "repeats": 1, "note": "y"},
+        {"id": "d.jpeg", "label": "Even", "split": "test", "repeats": 1, "note": "z"},
+    ]
+    assert json.loads((out / "labels.json").read_text()) == label_map
+    assert json.loads((out / "selection.json").read_text()) == {"mode": "labelled"}
+
+
+def test_an_all_mode_selection_has_no_label_map_and_the_manifest_columns_only(
+    tiny_catalog: Any,
+) -> None:
+    out = tiny_catalog.root / "data"
+    out.mkdir()
+    (out / "labels.json").write_text("{}", encoding="utf-8")  # from an earlier labelled run
+    ids_dir = write_ids(tiny_catalog.root / "ids", GOOD)
+    prep(tiny_catalog, ids_dir)
+    assert list(read_csv(out / "manifest.csv").columns) == list(MANIFEST_COLUMNS)
+    assert not (out / "labels.json").exists()
+
+
+def test_id_list_columns_named_like_manifest_columns_are_not_passed_through(
+    tiny_catalog: Any,
+) -> None:
+    ids_dir = tiny_catalog.root / "ids"
+    ids_dir.mkdir()
+    pd.DataFrame(
+        [("a.jpeg", "a.jpeg", "Even", "elsewhere.jpeg", 1, "train")],
+        columns=["id", "blob_path", "label", "path", "width", "split"],
+    ).to_csv(ids_dir / "ids.csv", index=False)
+    prep(tiny_catalog, ids_dir)
+    manifest = read_csv(tiny_catalog.root / "data" / "manifest.csv")
+    assert list(manifest.columns) == [*MANIFEST_COLUMNS, "split"]
+    assert manifest.loc[0, "path"] == "images/a.jpeg" and manifest.loc[0, "width"] == 32

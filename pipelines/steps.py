@@ -1,0 +1,94 @@
+"""Sub-graphs shared by the pipelines, called inside a ``@dsl.pipeline`` body.
+
+Each function adds nodes to the pipeline being built and names them, so that the same step
+has the same name (and log prefix) in every pipeline that uses it.
+"""
+
+from typing import Any
+
+from pipelines.components import component
+from sslpipe.config import ClassifierConfig, PipelineConfig
+
+
+def _named(node: Any, name: str) -> Any:
+    node.name = name
+    return node
+
+
+def select_and_prepare(
+    config: PipelineConfig,
+    *,
+    metadata_uri: Any,
+    blob_uri: Any,
+    image_filter: Any,
+    labelled: bool,
+    suffix: str = "",
+) -> Any:
+    """connect_db -> data_prep; returns the data_prep node (its output ``data``)."""
+    labels = config.labels
+    selection: dict[str, Any] = {"mode": "labelled" if labelled else "all"}
+    if labelled:
+        selection |= {
+            "min_agreement": labels.min_agreement,
+            "split": ",".join(str(share) for share in labels.split),
+            "split_seed": labels.seed,
+            "pin_sortout_testset": labels.pin_sortout_testset,
+            "balance": labels.balance,
+        }
+    connect_db = component("connect_db")(
+        metadata_uri=metadata_uri,
+        blob_uri=blob_uri,
+        filter=image_filter,
+        label_level=labels.level,
+        **selection,
+    )
+    _named(connect_db, f"connect_db{suffix}")
+    prep = config.data_prep
+    data_prep = component("data_prep")(
+        selection=connect_db.outputs.selection,
+        blob_uri=blob_uri,
+        image_size=prep.image_size,
+        concurrency=prep.concurrency,
+        max_skipped_fraction=prep.max_skipped_fraction,
+    )
+    return _named(data_prep, f"data_prep{suffix}")
+
+
+def train_and_evaluate(
+    config: PipelineConfig,
+    *,
+    data: Any,
+    classifier: ClassifierConfig,
+    backbone_model: Any = None,
+    baseline_report: Any = None,
+    register: bool = True,
+    prefix: str = "",
+) -> Any:
+    """classifier_train -> evaluate; returns the evaluate node (its output ``report``)."""
+    inputs = classifier.model_dump(mode="json")
+    if backbone_model is not None:
+        inputs["backbone_model"] = backbone_model
+    train = _named(component("classifier_train")(data=data, **inputs), f"{prefix}classifier_train")
+    evaluation = {
+        "min_macro_f1": config.evaluate.min_macro_f1,
+        "model_name": config.evaluate.model_name,
+        "register": register,
+    }
+    if baseline_report is not None:
+        evaluation["baseline"] = baseline_report
+    evaluate = component("evaluate")(model=train.outputs.model, data=data, **evaluation)
+    return _named(evaluate, f"{prefix}evaluate")
+
+
+def moco_training(config: PipelineConfig, *, data: Any) -> Any:
+    """moco_train on a data_prep output; returns the node (its output ``model``)."""
+    node = component("moco_train")(data=data, **config.moco.model_dump(mode="json"))
+    return _named(node, "moco_train")
+
+
+def baseline_classifier(config: PipelineConfig) -> ClassifierConfig:
+    """The supervised baseline: the same network, randomly initialised, no pre-training."""
+    stem = ":small" if config.moco.small_stem else ""
+    return config.classifier.model_copy(
+        update={"backbone": f"torchvision:{config.moco.backbone}{stem}"}
+    )

@@ -1,0 +1,467 @@
+"""classifier_train: the seed's head on a (pre-trained) backbone, with early stopping.
+
+Inputs: a labelled data_prep output folder (manifest.csv with split and repeats, labels.json,
+selection.json, images) and optionally a backbone folder (moco_train's ``model`` output); without
+one the backbone comes from ``config.backbone`` (see :mod:`sslpipe.classifier.backbones`).
+
+Modes:
+    head       the backbone is frozen (no gradients, eval mode: its BN statistics do not move)
+               and only the head is trained with Adam.
+    two_stage  stage 1 as ``head`` for ``epochs``; stage 2 starts from the best stage-1 model and
+               fine-tunes the whole network for ``finetune_epochs`` at ``finetune_lr``.
+
+Early stopping watches the validation macro-F1 (``patience`` epochs without improvement end a
+stage); the best epoch's model over both stages is the one saved.
+
+Outputs:
+    model/       classifier.pt + classifier.json (see sslpipe.classifier.model), curves.png,
+                 history.json (per epoch), train_metrics.json (best epoch, stopped early)
+    checkpoint/  last.pt, rewritten atomically after every epoch; ``resume`` continues from it
+
+The model is not registered here: the evaluate step registers it after measuring it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sslpipe.classifier.augment import eval_transform, train_transform
+from sslpipe.classifier.backbones import resolve_backbone
+from sslpipe.classifier.model import ClassifierHead, ImageClassifier, save_classifier
+from sslpipe.classifier.train import (
+    EarlyStopping,
+    LabelledImageDataset,
+    evaluate,
+    expand_repeats,
+    make_criterion,
+    plot_curves,
+    read_labelled_data,
+    set_backbone_trainable,
+    train_epoch,
+    trainable_parameters,
+)
+from sslpipe.config import ClassifierConfig
+from sslpipe.io import atomic_path, read_json, write_json
+from sslpipe.logs import get_logger
+from sslpipe.registry import configure_tracking
+
+log = get_logger("classifier_train")
+
+CHECKPOINT_FILE = "last.pt"
+HISTORY_FILE = "history.json"
+METRICS_FILE = "train_metrics.json"
+CURVES_FILE = "curves.png"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # "head" or "finetune"
+    epochs: int
+    lr: float
+    backbone_frozen: bool
+
+
+def stages_for(config: ClassifierConfig) -> list[Stage]:
+    """The training stages of ``config.mode``."""
+    stages = [Stage("head", config.epochs, config.lr, backbone_frozen=True)]
+    if config.mode == "two_stage" and config.finetune_epochs > 0:
+        stages.append(
+            Stage("finetune", config.finetune_epochs, config.finetune_lr, backbone_frozen=False)
+        )
+    return stages
+
+
+@dataclass
+class TrainingState:
+    stage: int = 0  # index of the stage under way (len(stages) when all are done)
+    stage_epoch: int = 0  # epochs done in that stage
+    epoch: int = 0  # epochs done overall
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: list[str] = field(default_factory=list)  # names of stages stopped early
+    mlflow_run_id: str | None = None
+
+
+def build_classifier(
+    backbone: torch.nn.Module, feature_dim: int, num_classes: int, config: ClassifierConfig
+) -> ImageClassifier:
+    head = ClassifierHead(
+        feature_dim, num_classes, hidden_dim=config.hidden_dim, dropout=config.dropout
+    )
+    return ImageClassifier(backbone, head)
+
+
+def _loader(
+    dataset: Dataset[Any], batch: int, workers: int, *, seed: int | None
+) -> DataLoader[Any]:
+    """Shuffled (seeded) training batches when ``seed`` is given, ordered batches otherwise."""
+    if seed is None:
+        return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers)
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,  # no batch of one: BatchNorm in fine-tuning cannot train on it
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )
+
+
+def _fingerprint(manifest_path: Path) -> str:
+    return hashlib.sha256(manifest_path.read_bytes()).hexdigest()[:16]
+
+
+def _backbone_identity(lineage: dict[str, Any]) -> dict[str, Any]:
+    """The part of the backbone lineage that must not change between a run and its resume."""
+    pretraining = lineage.get("pretraining") or {}
+    return {
+        **{k: lineage.get(k) for k in ("kind", "backbone", "name", "version", "init")},
+        "pretraining_run": pretraining.get("mlflow_run_id"),
+        "pretraining_data": pretraining.get("data_fingerprint"),
+    }
+
+
+def _save_checkpoint(
+    folder: Path,
+    model: ImageClassifier,
+    optimizer: torch.optim.Optimizer | None,
+    stopper: EarlyStopping,
+    state: TrainingState,
+    identity: dict[str, Any],
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "early_stopping": stopper.state_dict(),
+        "stage": state.stage,
+        "stage_epoch": state.stage_epoch,
+        "epoch": state.epoch,
+        "history": state.history,
+        "stopped_early": state.stopped_early,
+        "mlflow_run_id": state.mlflow_run_id,
+        **identity,
+    }
+    with atomic_path(folder / CHECKPOINT_FILE) as tmp:
+        torch.save(payload, tmp)
+
+
+def _identity(
+    config: ClassifierConfig, fingerprint: str, backbone: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "config": config.model_dump(mode="json"),
+        "data_fingerprint": fingerprint,
+        "backbone": backbone,
+    }
+
+
+def _load_checkpoint(
+    folder: Path, model: ImageClassifier, stopper: EarlyStopping, identity: dict[str, Any]
+) -> tuple[TrainingState, dict[str, Any] | None] | None:
+    path = folder / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    for key, what in (
+        ("config", "configuration"),
+        ("data_fingerprint", "data (manifest.csv)"),
+        ("backbone", "backbone"),
+    ):
+        if payload.get(key) != identity[key]:
+            raise ValueError(
+                f"cannot resume from {path}: it was written with a different {what}; "
+                "start a fresh run instead of --resume"
+            )
+    model.load_state_dict(payload["model"])
+    stopper.load_state_dict(payload["early_stopping"])
+    state = TrainingState(
+        stage=int(payload["stage"]),
+        stage_epoch=int(payload["stage_epoch"]),
+        epoch=int(payload["epoch"]),
+        history=list(payload["history"]),
+        stopped_early=list(payload["stopped_early"]),
+        mlflow_run_id=payload["mlflow_run_id"],
+    )
+    log.info("resuming from %s after epoch %d", path, state.epoch)
+    return state, payload["optimizer"]
+
+
+def run_classifier_train(
+    *,
+    data_dir: Path,
+    model_dir: Path,
+    checkpoint_dir: Path,
+    config: ClassifierConfig,
+    backbone_dir: Path | None = None,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """Train the classifier, checkpoint every epoch and write the classifier folder.
+
+    Returns:
+        ``{"metrics": train_metrics.json's content, "history": per-epoch rows,
+        "lineage": the classifier's lineage}``.
+
+    Raises:
+        ValueError: bad data (no train or val rows, a label missing from labels.json), an
+            unknown backbone, a backbone folder whose weights do not fit, or a resume against a
+            checkpoint of a different configuration, data or backbone.
+    """
+    data_dir, model_dir, checkpoint_dir = Path(data_dir), Path(model_dir), Path(checkpoint_dir)
+    torch.manual_seed(config.seed)
+    data = read_labelled_data(data_dir)
+    if data.ignored_rows:
+        log.warning("%d manifest rows outside train/val/test are ignored", data.ignored_rows)
+    configure_tracking()  # the registry lives where tracking points
+    backbone, spec, backbone_lineage = resolve_backbone(config.backbone, backbone_dir=backbone_dir)
+    model = build_classifier(backbone, spec.feature_dim, len(data.classes), config)
+
+    train_rows = expand_repeats(data.split("train"))
+    if len(train_rows) < 2:
+        raise ValueError(
+            f"classifier_train needs at least 2 training images, found {len(train_rows)}"
+        )
+    batch = min(config.batch_size, len(train_rows))
+    train_set = LabelledImageDataset(
+        data_dir,
+        train_rows,
+        train_transform(config.image_size, vertical_flip_p=0.5 if config.vertical_flip else 0.0),
+    )
+    val_loader = _loader(
+        LabelledImageDataset(data_dir, data.split("val"), eval_transform(config.image_size)),
+        max(64, config.batch_size),
+        config.num_workers,
+        seed=None,
+    )
+    criterion = make_criterion(data.class_weights)
+    fingerprint = _fingerprint(data_dir / "manifest.csv")
+    identity = _identity(config, fingerprint, _backbone_identity(backbone_lineage))
+    stages = stages_for(config)
+
+    stopper = EarlyStopping(config.patience)
+    loaded = _load_checkpoint(checkpoint_dir, model, stopper, identity) if resume else None
+    state, optimizer_state = loaded or (TrainingState(), None)
+
+    counts = data.counts()
+    num_images = {**counts, "train_drawn_per_epoch": len(train_rows)}
+    balance = (
+        "class_weight"
+        if data.class_weights is not None
+        else "oversample"
+        if (data.split("train")["repeats"] > 1).any()
+        else "none"
+    )
+    log.info(
+        "%s: %d classes, images %s, balance %s, mode %s",
+        data_dir,
+        len(data.classes),
+        num_images,
+        balance,
+        config.mode,
+    )
+
+    selection = (
+        read_json(data_dir / "selection.json") if (data_dir / "selection.json").is_file() else {}
+    )
+    with mlflow.start_run(
+        run_id=state.mlflow_run_id,
+        run_name="classifier_train",
+        tags={"sslpipe.step": "classifier_train", **_parent_tag()},
+    ) as run:
+        if state.mlflow_run_id is None:
+            mlflow.log_params(
+                {
+                    **config.model_dump(mode="json"),
+                    "backbone_source": backbone_lineage["source"],
+                    "backbone_init": backbone_lineage["init"],
+                    "backbone_version": backbone_lineage.get("version"),
+                    "num_classes": len(data.classes),
+                    "balance": balance,
+                    **{f"num_{k}": v for k, v in num_images.items()},
+                }
+            )
+        state.mlflow_run_id = run.info.run_id
+
+        while state.stage < len(stages):
+            stage = stages[state.stage]
+            if state.stage > 0 and state.stage_epoch == 0 and stopper.best_state is not None:
+                # Fine-tuning starts from the best head, not from the last (possibly worse) one.
+                model.load_state_dict(stopper.best_state)
+                log.info("stage %s starts from epoch %d's model", stage.name, stopper.best_epoch)
+            set_backbone_trainable(model, not stage.backbone_frozen)
+            optimizer = torch.optim.Adam(
+                trainable_parameters(model), lr=stage.lr, weight_decay=config.weight_decay
+            )
+            if optimizer_state is not None and state.stage_epoch > 0:
+                optimizer.load_state_dict(optimizer_state)
+            optimizer_state = None
+            while state.stage_epoch < stage.epochs:
+                # Seeding per epoch makes an epoch a function of (seed, epoch) alone, so a
+                # resumed run continues exactly like an uninterrupted one.
+                torch.manual_seed(config.seed + state.epoch)
+                loader = _loader(
+                    train_set, batch, config.num_workers, seed=config.seed + state.epoch
+                )
+                started = time.perf_counter()
+                train_loss, train_accuracy = train_epoch(
+                    model, loader, optimizer, criterion, backbone_frozen=stage.backbone_frozen
+                )
+                val = evaluate(model, val_loader, criterion)
+                state.epoch += 1
+                state.stage_epoch += 1
+                improved = stopper.step(val["macro_f1"], state.epoch, model)
+                row: dict[str, Any] = {
+                    "epoch": state.epoch,
+                    "stage": stage.name,
+                    "stage_epoch": state.stage_epoch,
+                    "lr": stage.lr,
+                    "train_loss": train_loss,
+                    "train_accuracy": train_accuracy,
+                    "val_loss": val["loss"],
+                    "val_accuracy": val["accuracy"],
+                    "val_macro_f1": val["macro_f1"],
+                    "best": improved,
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+                state.history.append(row)
+                mlflow.log_metrics(
+                    {k: float(v) for k, v in row.items() if k not in ("epoch", "stage", "best")},
+                    step=state.epoch,
+                )
+                log.info(
+                    "epoch %d (%s %d/%d): train loss %.4f acc %.3f | val loss %.4f acc %.3f "
+                    "macro-F1 %.3f%s",
+                    state.epoch,
+                    stage.name,
+                    state.stage_epoch,
+                    stage.epochs,
+                    train_loss,
+                    train_accuracy,
+                    val["loss"],
+                    val["accuracy"],
+                    val["macro_f1"],
+                    " (best)" if improved else "",
+                )
+                stop = stopper.should_stop
+                finished = stop or state.stage_epoch >= stage.epochs
+                if stop:
+                    state.stopped_early.append(stage.name)
+                    log.info(
+                        "early stop of stage %s: no better val macro-F1 for %d epochs",
+                        stage.name,
+                        stopper.bad_epochs,
+                    )
+                if finished:
+                    state.stage, state.stage_epoch = state.stage + 1, 0
+                    stopper.reset_patience()
+                _save_checkpoint(
+                    checkpoint_dir,
+                    model,
+                    None if finished else optimizer,
+                    stopper,
+                    state,
+                    identity,
+                )
+                if finished:
+                    break
+
+        if stopper.best_state is None:  # pragma: no cover - every stage runs >= 1 epoch
+            raise RuntimeError("no epoch was trained")
+        model.load_state_dict(stopper.best_state)
+        best_row = next(r for r in state.history if r["epoch"] == stopper.best_epoch)
+        lineage = {
+            "backbone": backbone_lineage,
+            "filter": selection.get("filter"),
+            "metadata_store": selection.get("metadata_store"),
+            "label_level": data.level,
+            "balance": balance,
+            "num_images": num_images,
+            "data_fingerprint": fingerprint,
+            "mlflow_run_id": run.info.run_id,
+            "pipeline_run_id": os.environ.get("SSLPIPE_RUN_ID"),
+            "mode": config.mode,
+            "best_epoch": stopper.best_epoch,
+        }
+        save_classifier(
+            model_dir,
+            model,
+            spec=spec,
+            classes=data.classes,
+            hidden_dim=config.hidden_dim,
+            dropout=config.dropout,
+            image_size=config.image_size,
+            lineage=lineage,
+        )
+        metrics = {
+            "mode": config.mode,
+            "best_epoch": stopper.best_epoch,
+            "best_stage": best_row["stage"],
+            "best_val_macro_f1": best_row["val_macro_f1"],
+            "best_val_accuracy": best_row["val_accuracy"],
+            "best_val_loss": best_row["val_loss"],
+            "epochs_run": state.epoch,
+            "stopped_early": bool(state.stopped_early),
+            "stopped_early_stages": state.stopped_early,
+            "stages": [
+                {
+                    "name": s.name,
+                    "epochs": s.epochs,
+                    "lr": s.lr,
+                    "epochs_run": sum(1 for r in state.history if r["stage"] == s.name),
+                }
+                for s in stages
+            ],
+            "patience": config.patience,
+            "classes": data.classes,
+            "num_images": num_images,
+            "class_weighted_loss": data.class_weights is not None,
+            "mlflow_run_id": run.info.run_id,
+        }
+        write_json(model_dir / HISTORY_FILE, state.history)
+        write_json(model_dir / METRICS_FILE, metrics)
+        plot_curves(model_dir / CURVES_FILE, state.history, title=f"classifier ({config.mode})")
+        mlflow.log_metrics(
+            {
+                "best_val_macro_f1": metrics["best_val_macro_f1"],
+                "best_val_accuracy": metrics["best_val_accuracy"],
+                "best_epoch": float(stopper.best_epoch),
+            }
+        )
+        mlflow.set_tags({"stopped_early": str(metrics["stopped_early"]).lower()})
+        for name in (CURVES_FILE, METRICS_FILE, HISTORY_FILE):
+            mlflow.log_artifact(str(model_dir / name))
+        log.info(
+            "best epoch %d (%s): val macro-F1 %.3f, accuracy %.3f; saved to %s",
+            stopper.best_epoch,
+            best_row["stage"],
+            best_row["val_macro_f1"],
+            best_row["val_accuracy"],
+            model_dir,
+        )
+    return {"metrics": metrics, "history": state.history, "lineage": lineage}
+
+
+def _parent_tag() -> dict[str, str]:
+    parent = os.environ.get("SSLPIPE_MLFLOW_PARENT_RUN_ID")
+    return {"mlflow.parentRunId": parent} if parent else {}
+
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "CURVES_FILE",
+    "HISTORY_FILE",
+    "METRICS_FILE",
+    "Stage",
+    "build_classifier",
+    "run_classifier_train",
+    "stages_for",
+]
