@@ -229,8 +229,9 @@ def _print_summary(config: PipelineConfig, record: Any) -> None:
             registered = Path(path) / "registered_model.json"
             if registered.is_file():
                 info = read_json(registered)
+                alias = f" (alias @{info['alias']})" if info.get("alias") else ""
                 _echo(
-                    f"[sslpipe] registered model {info['name']} version {info['version']}: "
+                    f"[sslpipe] registered model {info['name']} version {info['version']}{alias}: "
                     f"{info['uri']} (tracking: {config.tracking_uri})"
                 )
 

@@ -128,3 +128,54 @@ def test_an_empty_store_without_the_demo_is_a_clear_error(tmp_path: Path) -> Non
     result = execute(tmp_path, "--no-demo")
     assert result.returncode == 2
     assert "is empty and --no-demo was given" in result.stderr
+
+
+CLASSIFIER = [
+    "data_prep.image_size=36",
+    "classifier.image_size=32",
+    "classifier.epochs=2",
+    "classifier.batch_size=64",
+    "evaluate.min_macro_f1=0.0",
+]
+
+
+def test_classifier_pipeline_on_the_registered_backbone_feeds_a_downstream_service(
+    first_run, tmp_path: Path
+) -> None:
+    workspace, _ = first_run
+    args = [sys.executable, "execute.py", "--pipeline", "classifier"]
+    for item in [f"workspace={workspace}", "classifier.backbone=moco-backbone@latest", *CLASSIFIER]:
+        args += ["--set", item]
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "registered model image-classifier version 1 (alias @candidate)" in result.stdout
+    report = next((workspace / "runs").glob("*/evaluate/outputs/report/report.md")).read_text()
+    assert "| **macro avg** |" in report
+
+    # A downstream service: a fresh process that knows only the registry and an alias.
+    images = sorted((workspace / "blobs" / "images").glob("*.jpeg"))[:4]
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for image in images:
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    service = (
+        "import sys, mlflow\n"
+        "model = mlflow.pyfunc.load_model('models:/image-classifier@candidate')\n"
+        "out = model.predict(sorted(sys.argv[1:]))\n"
+        "print(out[['label', 'error']].to_csv(index=False))\n"
+    )
+    paths = sorted(str(p) for p in folder.iterdir())
+    served = subprocess.run(
+        [sys.executable, "-c", service, *paths],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}"},
+    )
+    assert served.returncode == 0, served.stderr[-3000:]
+    rows = served.stdout.strip().splitlines()[1:]
+    assert len(rows) == 5
+    assert sum(row.startswith(("Even,", "Odd,")) for row in rows) == 4
+    assert sum(row.startswith(",") and row != "," for row in rows) == 1  # broken.jpg: an error

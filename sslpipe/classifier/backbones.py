@@ -16,27 +16,27 @@ that says where the weights came from.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from torch import nn
 from torchvision import models
 
 from sslpipe.backbone_io import load_backbone_dir
 from sslpipe.logs import get_logger
 from sslpipe.moco.backbone import BACKBONES, BackboneSpec, build_backbone
-from sslpipe.registry import load_backbone, model_uri
+from sslpipe.registry import (
+    ModelReferenceError,
+    load_backbone,
+    parse_reference,
+    resolve_version,
+)
 
 log = get_logger("classifier")
 
 TORCHVISION_PREFIX = "torchvision:"
 RANDOM_INIT = "random init"
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>.+))$")
 
 
 def resolve_backbone(
@@ -151,42 +151,19 @@ def _from_folder(
 def registered_version(reference: str) -> tuple[str, str]:
     """``(name, version)`` a registry reference points at now.
 
+    ``name@latest`` (the configuration's default) is the highest version, like ``name``: MLflow
+    reserves the alias 'latest' for that, so it is never a real alias.
+
     Raises:
         ValueError: malformed reference, unknown model name, version or alias.
     """
-    uri = model_uri(reference)  # ModelReferenceError (a ValueError) when malformed or no model
-    match = _MODELS_URI.match(uri)
-    if match is None:  # pragma: no cover - model_uri only returns these two forms
-        raise ValueError(f"backbone {reference!r}: unexpected model URI {uri!r}")
-    name, version, alias = match["name"], match["version"], match["alias"]
-    client = MlflowClient()
-    where = _tracking_location()
-    if version is not None:
-        try:
-            client.get_model_version(name, version)
-        except MlflowException:
-            raise ValueError(
-                f"unknown backbone {reference!r}: registered model {name!r} has no version "
-                f"{version} in {where}"
-            ) from None
-        return name, version
-    if alias.lower() == "latest":
-        return name, model_uri(name).rsplit("/", 1)[1]
     try:
-        return name, str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        pass
-    try:
-        aliases = sorted(client.get_registered_model(name).aliases)
-    except MlflowException:
-        raise ValueError(
-            f"unknown backbone {reference!r}: no registered model named {name!r} in {where}"
-        ) from None
-    known = ", ".join(aliases) if aliases else "none"
-    raise ValueError(
-        f"unknown backbone alias {alias!r} in {reference!r}: registered model {name!r} has the "
-        f"aliases: {known} (and 'latest')"
-    )
+        name, _, alias = parse_reference(reference)
+        if alias is not None and alias.lower() == "latest":
+            return resolve_version(name)
+        return resolve_version(reference)
+    except ModelReferenceError as err:
+        raise ValueError(f"unknown backbone {reference!r}: {err}") from None
 
 
 def _from_registry(reference: str) -> tuple[nn.Module, BackboneSpec, dict[str, Any]]:
@@ -207,10 +184,6 @@ def _from_registry(reference: str) -> tuple[nn.Module, BackboneSpec, dict[str, A
     }
     log.info("backbone %s -> models:/%s/%s (%s)", reference, name, version, spec.name)
     return backbone, spec, lineage
-
-
-def _tracking_location() -> str:
-    return str(mlflow.get_tracking_uri())
 
 
 __all__ = [

@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn.metrics import f1_score
 from torch import Tensor, nn
@@ -337,6 +338,7 @@ def plot_curves(path: Path, history: list[dict[str, Any]], *, title: str = "clas
         best = [r["epoch"] for r in history if r.get("best")]
         if best:
             ax.axvline(best[-1], color="tab:green", alpha=0.3, linewidth=4, label="best epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -52,7 +52,7 @@ from sslpipe.classifier.train import (
 from sslpipe.config import ClassifierConfig
 from sslpipe.io import atomic_path, read_json, write_json
 from sslpipe.logs import get_logger
-from sslpipe.registry import configure_tracking
+from sslpipe.registry import configure_tracking, parent_run_tags
 
 log = get_logger("classifier_train")
 
@@ -275,7 +275,7 @@ def run_classifier_train(
     with mlflow.start_run(
         run_id=state.mlflow_run_id,
         run_name="classifier_train",
-        tags={"sslpipe.step": "classifier_train", **_parent_tag()},
+        tags={"sslpipe.step": "classifier_train", **parent_run_tags()},
     ) as run:
         if state.mlflow_run_id is None:
             mlflow.log_params(
@@ -448,11 +448,6 @@ def run_classifier_train(
             model_dir,
         )
     return {"metrics": metrics, "history": state.history, "lineage": lineage}
-
-
-def _parent_tag() -> dict[str, str]:
-    parent = os.environ.get("SSLPIPE_MLFLOW_PARENT_RUN_ID")
-    return {"mlflow.parentRunId": parent} if parent else {}
 
 
 __all__ = [

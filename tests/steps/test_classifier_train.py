@@ -193,8 +193,8 @@ def test_training_writes_a_classifier_that_reloads_and_beats_chance(
         checkpoint_dir=tmp_path / "checkpoint",
         config=ClassifierConfig(
             **{**FAST, "batch_size": 4, "hidden_dim": 64, "patience": 4},
-            backbone="torchvision:resnet18:small",
-            epochs=4,
+            backbone="torchvision:resnet18",
+            epochs=3,
             lr=3e-3,
             dropout=0.1,
         ),
@@ -214,10 +214,10 @@ def test_training_writes_a_classifier_that_reloads_and_beats_chance(
     model, config = load_classifier_dir(model_dir)
     assert config["format"] == CLASSIFIER_FORMAT
     assert config["classes"] == ["blue", "green", "red"]
-    assert config["backbone"] == {"name": "resnet18", "small_stem": True}
+    assert config["backbone"] == {"name": "resnet18", "small_stem": False}
     lineage = config["lineage"]
     assert lineage["backbone"]["init"] == "random init"
-    assert lineage["backbone"]["source"] == "torchvision:resnet18:small"
+    assert lineage["backbone"]["source"] == "torchvision:resnet18"
     assert lineage["filter"] == {"labelled": "labelled", "limit": None}
     assert lineage["num_images"] == {
         "train": 24,
@@ -338,7 +338,9 @@ def test_early_stopping_stops_after_patience_and_saves_the_best_epoch(
 ) -> None:
     scripted = ScriptedValidation([0.2, 0.5, 0.5, 0.4, 0.9, 0.95])
     monkeypatch.setattr(step, "evaluate", scripted)
-    result = train(tmp_path, small_data, epochs=6, patience=2)
+    result = train(
+        tmp_path, small_data, epochs=6, patience=2, backbone="torchvision:resnet18:small"
+    )
     metrics = result["metrics"]
     # Epochs 3 (a tie) and 4 do not beat epoch 2: stop after epoch 4; 0.9 is never reached.
     assert len(result["history"]) == 4 == metrics["epochs_run"]
@@ -348,6 +350,7 @@ def test_early_stopping_stops_after_patience_and_saves_the_best_epoch(
 
     model, config = load_classifier_dir(tmp_path / "run" / "model")
     assert config["lineage"]["best_epoch"] == 2
+    assert config["backbone"] == {"name": "resnet18", "small_stem": True}
     saved = model.state_dict()
     best, last = scripted.snapshots[1], scripted.snapshots[3]
     for key in saved:
@@ -358,7 +361,7 @@ def test_early_stopping_stops_after_patience_and_saves_the_best_epoch(
 def test_an_interrupted_run_resumes_to_the_same_weights(
     tmp_path: Path, tracking: str, small_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = {"mode": "two_stage", "epochs": 1, "finetune_epochs": 2, "patience": 5}
+    config: dict[str, Any] = {"mode": "two_stage", "epochs": 1, "finetune_epochs": 2, "patience": 5}
     straight = train(tmp_path, small_data, "straight", **config)
     real = step.train_epoch
     calls = []
@@ -545,7 +548,7 @@ def load_main(monkeypatch: pytest.MonkeyPatch) -> Any:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.calls = calls
+    module.calls = calls  # type: ignore[attr-defined]
     return module
 
 
