@@ -28,7 +28,7 @@ from sslpipe.labelled import parse_split
 from sslpipe.moco.backbone import BACKBONES
 
 REPO = Path(__file__).resolve().parents[2]
-COMPONENTS = ("connect_db", "data_prep", "moco_train")
+COMPONENTS = ("connect_db", "data_prep", "moco_train", "classifier_train", "evaluate")
 PLACEHOLDER = re.compile(r"\$\{\{(inputs|outputs)\.(\w+)\}\}")
 YAML_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string"}
 
@@ -175,7 +175,9 @@ def rendered_argv(name: str) -> list[str]:
         kind, key = match.groups()
         return sample(data[kind][key], key) if kind == "inputs" else f"/mnt/azureml/out/{key}"
 
-    return shlex.split(PLACEHOLDER.sub(fill, data["command"]))[3:]
+    # Optional inputs are all bound here, so their $[[...]] groups are kept without brackets.
+    command = re.sub(r"\$\[\[(.*?)\]\]", r"\1", data["command"])
+    return shlex.split(PLACEHOLDER.sub(fill, command))[3:]
 
 
 @pytest.mark.parametrize("name", COMPONENTS)
