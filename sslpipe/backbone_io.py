@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sslpipe.io import atomic_path, read_json, write_json
+from sslpipe.io import atomic_path, read_folder_config, write_json
 from sslpipe.moco.augment import IMAGENET_MEAN, IMAGENET_STD
 from sslpipe.moco.backbone import BackboneSpec, build_backbone
 
@@ -56,14 +56,7 @@ def load_backbone_dir(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     Raises:
         ValueError: when the folder is not a backbone folder or the weights do not fit.
     """
-    config_path = Path(folder) / CONFIG_FILE
-    if not config_path.is_file():
-        raise ValueError(f"{folder} is not a backbone folder: {CONFIG_FILE} is missing")
-    config = read_json(config_path)
-    if config.get("format") != BACKBONE_FORMAT:
-        raise ValueError(
-            f"{config_path}: format {config.get('format')!r} is not {BACKBONE_FORMAT!r}"
-        )
+    config = read_folder_config(folder, CONFIG_FILE, BACKBONE_FORMAT, "backbone")
     backbone, _ = build_backbone(BackboneSpec.from_dict(config["backbone"]))
     state = torch.load(Path(folder) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     try:

@@ -52,6 +52,27 @@ def read_json(path: Path) -> Any:
         return json.load(f)
 
 
+def read_optional_json(path: Path) -> dict[str, Any]:
+    """The JSON object at ``path``, or an empty dict when an optional file is absent."""
+    return dict(read_json(path)) if path.is_file() else {}
+
+
+def read_folder_config(folder: Path, file_name: str, expected_format: str, kind: str) -> Any:
+    """The JSON config of a model folder, checked to be of ``expected_format``.
+
+    Raises:
+        ValueError: when the file is missing or of another format, naming the folder.
+    """
+    config_path = Path(folder) / file_name
+    if not config_path.is_file():
+        raise ValueError(f"{folder} is not a {kind} folder: {file_name} is missing")
+    config = read_json(config_path)
+    if not isinstance(config, dict) or config.get("format") != expected_format:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_path}: format {found!r} is not {expected_format!r}")
+    return config
+
+
 def write_csv(path: Path, frame: pd.DataFrame) -> None:
     """Write a DataFrame as CSV without its index, atomically."""
     with atomic_open(path) as f:

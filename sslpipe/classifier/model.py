@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sslpipe.io import atomic_path, read_json, write_json
+from sslpipe.io import atomic_path, read_folder_config, write_json
 from sslpipe.moco.augment import IMAGENET_MEAN, IMAGENET_STD
 from sslpipe.moco.backbone import BackboneSpec, build_backbone
 
@@ -98,14 +98,7 @@ def load_classifier_dir(folder: Path) -> tuple[ImageClassifier, dict[str, Any]]:
         ValueError: when the folder is not a classifier folder, or the label map does not match
             the head's output size.
     """
-    config_path = Path(folder) / CONFIG_FILE
-    if not config_path.is_file():
-        raise ValueError(f"{folder} is not a classifier folder: {CONFIG_FILE} is missing")
-    config = read_json(config_path)
-    if config.get("format") != CLASSIFIER_FORMAT:
-        raise ValueError(
-            f"{config_path}: format {config.get('format')!r} is not {CLASSIFIER_FORMAT!r}"
-        )
+    config = read_folder_config(folder, CONFIG_FILE, CLASSIFIER_FORMAT, "classifier")
     backbone, feature_dim = build_backbone(BackboneSpec.from_dict(config["backbone"]))
     classes = config["classes"]
     head = ClassifierHead(

@@ -50,7 +50,7 @@ from sslpipe.classifier.train import (
     trainable_parameters,
 )
 from sslpipe.config import ClassifierConfig
-from sslpipe.io import atomic_path, read_json, write_json
+from sslpipe.io import atomic_path, read_optional_json, write_json
 from sslpipe.logs import get_logger
 from sslpipe.registry import configure_tracking, parent_run_tags
 
@@ -269,9 +269,7 @@ def run_classifier_train(
         config.mode,
     )
 
-    selection = (
-        read_json(data_dir / "selection.json") if (data_dir / "selection.json").is_file() else {}
-    )
+    selection = read_optional_json(data_dir / "selection.json")
     with mlflow.start_run(
         run_id=state.mlflow_run_id,
         run_name="classifier_train",

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sslpipe.backbone_io import save_backbone
 from sslpipe.config import MocoConfig
-from sslpipe.io import atomic_path, read_csv, read_json, write_json
+from sslpipe.io import atomic_path, read_csv, read_optional_json, write_json
 from sslpipe.logs import get_logger
 from sslpipe.moco import (
     BackboneSpec,
@@ -39,7 +39,7 @@ from sslpipe.moco import (
     leave_one_out_knn_top1,
     moco_v2_transform,
 )
-from sslpipe.registry import configure_tracking, register_backbone
+from sslpipe.registry import configure_tracking, parent_run_tags, register_backbone
 
 log = get_logger("moco_train")
 
@@ -255,13 +255,11 @@ def run_moco_train(
     monitor = len(classes) >= 2
 
     configure_tracking()
-    selection = (
-        read_json(data_dir / "selection.json") if (data_dir / "selection.json").is_file() else {}
-    )
+    selection = read_optional_json(data_dir / "selection.json")
     with mlflow.start_run(
         run_id=state.mlflow_run_id,
         run_name="moco_train",
-        tags={"sslpipe.step": "moco_train", **_parent_tag()},
+        tags={"sslpipe.step": "moco_train", **parent_run_tags()},
     ) as run:
         if state.mlflow_run_id is None:
             mlflow.log_params(
@@ -342,11 +340,6 @@ def run_moco_train(
             write_json(model_dir / "registered_model.json", registered)
             log.info("registered %s (version %s)", registered["uri"], registered["version"])
     return {"metrics": metrics_out, "registered": registered}
-
-
-def _parent_tag() -> dict[str, str]:
-    parent = os.environ.get("SSLPIPE_MLFLOW_PARENT_RUN_ID")
-    return {"mlflow.parentRunId": parent} if parent else {}
 
 
 def _lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
