@@ -91,6 +91,9 @@ def model_uri(reference: str) -> str:
 def parse_reference(reference: str) -> tuple[str, str | None, str | None]:
     """``name`` | ``name/3`` | ``name@alias`` -> ``(name, version or None, alias or None)``.
 
+    ``name@latest`` and ``name/latest`` mean the highest version, as for ``name``: MLflow
+    reserves the alias 'latest', so it can never name a real alias.
+
     Raises:
         ModelReferenceError: the reference does not follow that grammar.
     """
@@ -99,7 +102,10 @@ def parse_reference(reference: str) -> tuple[str, str | None, str | None]:
         raise ModelReferenceError(
             f"model reference {reference!r} is not valid; expected 'name', 'name/3' or 'name@alias'"
         )
-    return match["name"], match["version"], match["alias"]
+    alias = match["alias"]
+    if alias is not None and alias.lower() == "latest":
+        return match["name"], "latest", None
+    return match["name"], match["version"], alias
 
 
 def _safe_name(name: str) -> bool:

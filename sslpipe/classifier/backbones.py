@@ -29,7 +29,6 @@ from sslpipe.moco.backbone import BACKBONES, BackboneSpec, build_backbone
 from sslpipe.registry import (
     ModelReferenceError,
     load_backbone,
-    parse_reference,
     resolve_version,
 )
 
@@ -151,16 +150,12 @@ def _from_folder(
 def registered_version(reference: str) -> tuple[str, str]:
     """``(name, version)`` a registry reference points at now.
 
-    ``name@latest`` (the configuration's default) is the highest version, like ``name``: MLflow
-    reserves the alias 'latest' for that, so it is never a real alias.
+    ``name@latest`` (the configuration's default) is the highest version, like ``name``.
 
     Raises:
         ValueError: malformed reference, unknown model name, version or alias.
     """
     try:
-        name, _, alias = parse_reference(reference)
-        if alias is not None and alias.lower() == "latest":
-            return resolve_version(name)
         return resolve_version(reference)
     except ModelReferenceError as err:
         raise ValueError(f"unknown backbone {reference!r}: {err}") from None
