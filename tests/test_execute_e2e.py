@@ -179,3 +179,39 @@ def test_classifier_pipeline_on_the_registered_backbone_feeds_a_downstream_servi
     assert len(rows) == 5
     assert sum(row.startswith(("Even,", "Odd,")) for row in rows) == 4
     assert sum(row.startswith(",") and row != "," for row in rows) == 1  # broken.jpg: an error
+
+
+def test_a_failed_step_names_its_log_and_resume_continues_the_same_run(tmp_path: Path) -> None:
+    strict = [*TINY, "data_prep.max_skipped_fraction=0"]
+    assert execute(tmp_path, "--dry-run", sets=strict).returncode == 0
+    # Build the demo catalog, then break every image so that data_prep must fail.
+    assert execute(tmp_path, sets=[*strict, "filter.limit=0"]).returncode == 2  # invalid limit
+    from sslpipe.cli import prepare_workspace
+    from sslpipe.config import load_config
+
+    prepare_workspace(load_config(None, [f"workspace={tmp_path}"]), demo=True)
+    blobs = sorted((tmp_path / "blobs" / "images").glob("*.jpeg"))
+    originals = {blob: blob.read_bytes() for blob in blobs}
+    for blob in blobs:
+        blob.write_bytes(b"not a jpeg")
+
+    failed = execute(tmp_path, sets=strict)
+    assert failed.returncode == 1
+    assert "step 'data_prep' failed with exit code 1" in failed.stdout
+    log = next((tmp_path / "runs").glob("*/data_prep/log.txt"))
+    assert str(log) in failed.stdout
+    assert "could not be used" in log.read_text()
+    record = json.loads(next((tmp_path / "runs").glob("*/run.json")).read_text())
+    assert record["status"] == "failed"
+    assert record["steps"]["moco_train"]["status"] == "skipped"
+
+    for blob, data in originals.items():
+        blob.write_bytes(data)
+    resumed = execute(tmp_path, "--resume", sets=strict)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    runs = list((tmp_path / "runs").glob("*/run.json"))
+    assert len(runs) == 1  # the same run, continued in place
+    record = json.loads(runs[0].read_text())
+    assert record["status"] == "completed"
+    assert record["steps"]["data_prep"]["status"] == "completed"
+    assert "registered model moco-backbone version 1" in resumed.stdout
