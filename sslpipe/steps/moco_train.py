@@ -200,10 +200,19 @@ def _plot_losses(path: Path, losses: list[float], knn: list[float]) -> None:
     ax.plot(epochs, losses, marker="o", label="contrastive loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("InfoNCE loss")
+    lines = ax.get_lines()
     if knn:
         ax2 = ax.twinx()
-        ax2.plot(range(len(knn)), knn, color="tab:orange", marker="s", label="kNN top-1")
+        ax2.plot(
+            range(len(knn)),
+            knn,
+            color="tab:orange",
+            marker="s",
+            label="kNN top-1 (epoch 0: random init)",
+        )
         ax2.set_ylabel("kNN top-1 (labelled images)")
+        lines = [*lines, *ax2.get_lines()]
+    ax.legend(handles=lines, loc="best", fontsize="small")
     ax.set_title("MoCo v2 pre-training")
     fig.tight_layout()
     with atomic_path(path) as tmp:
