@@ -1,4 +1,4 @@
-"""``python execute.py``: run a pipeline on the local backend (Azure ML comes as another backend).
+"""``python execute.py``: run a pipeline locally, or on Azure ML (``--backend azureml``).
 
 Exit codes: 0 success, 1 a step failed, 2 the configuration or command line is invalid.
 """
@@ -27,6 +27,9 @@ examples:
   python execute.py --pipeline full                     # moco, classifier and baseline
   python execute.py --pipeline moco --config my.yaml --dry-run
   python execute.py --pipeline moco --resume            # continue the last failed run
+  python execute.py --pipeline full --backend azureml --dry-run \
+      --set stores.metadata_uri=cosmos://acct/db/coll \
+      --set stores.blob_uri=https://acct.blob.core.windows.net/images
 
 configuration keys (--set KEY=VALUE parses VALUE as YAML; defaults in sslpipe/config.py):
 """
@@ -58,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--backend",
-        default="local",
-        choices=["local"],
-        help="where to run it (default: local, the embedded default)",
+        choices=["local", "azureml"],
+        help="where to run it (default: the config's backend, local: the embedded default); "
+        "azureml submits the same pipeline to an Azure ML workspace, or with --dry-run writes "
+        "and validates its YAML",
     )
     parser.add_argument("--config", type=Path, help="YAML file with configuration values")
     parser.add_argument(
@@ -74,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the resolved steps and parameters; run nothing",
+        help="print the resolved steps and parameters (azureml: write the pipeline YAML); "
+        "run nothing",
     )
     parser.add_argument(
         "--force-rerun",
@@ -211,6 +216,25 @@ def run_local(pipeline: str, config: PipelineConfig, args: argparse.Namespace) -
     return 0
 
 
+def run_azureml(pipeline: str, config: PipelineConfig, args: argparse.Namespace) -> int:
+    """The same pipeline job on Azure ML: validated, then written (--dry-run) or submitted."""
+    from pipelines import PIPELINES
+    from sslpipe import azureml
+
+    # azure.ai.ml sets its own logger to INFO: its experimental-class notices on dump/load.
+    logging.getLogger("azure.ai.ml").setLevel(logging.ERROR)
+    job = azureml.prepare_job(PIPELINES[pipeline](config), config)
+    if not args.dry_run:
+        azureml.submit(job, config, echo=_echo)
+        return 0
+    problems = azureml.validate_offline(job, config)
+    if problems:
+        raise azureml.AzureMLError(problems)
+    path = azureml.dry_run(job, config)
+    _echo(f"[sslpipe] azureml dry run: pipeline job validated and written to {path}")
+    return 0
+
+
 def _print_plan_step(step: dict[str, Any]) -> None:
     _echo(f"step {step.get('name')}: {'reuse' if step.get('would_reuse') else 'run'}")
     for key, value in sorted((step.get("parameters") or {}).items()):
@@ -242,9 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.overrides)
     try:
         config = load_config(args.config, overrides)
+        if (args.backend or config.backend) == "azureml":
+            return run_azureml(args.pipeline, config, args)
         return run_local(args.pipeline, config, args)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # AzureMLError (a ConfigError) carries several problems: one line each.
+        for problem in getattr(err, "problems", None) or [str(err)]:
+            print(f"error: {problem}", file=sys.stderr)
         return 2
 
 

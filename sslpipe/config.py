@@ -137,10 +137,26 @@ class EvaluateConfig(_Section):
     model_name: str = Field("image-classifier", min_length=1, description="registered name")
 
 
+class AzureMLConfig(_Section):
+    """``--backend azureml``: the workspace and compute targets. Identity-based auth only.
+
+    Unset workspace settings fall back to the environment variables AZURE_SUBSCRIPTION_ID,
+    AZURE_RESOURCE_GROUP and AZUREML_WORKSPACE_NAME when the job is submitted.
+    """
+
+    subscription_id: str | None = Field(None, description="or env AZURE_SUBSCRIPTION_ID")
+    resource_group: str | None = Field(None, description="or env AZURE_RESOURCE_GROUP")
+    workspace_name: str | None = Field(None, description="or env AZUREML_WORKSPACE_NAME")
+    cpu_compute: str = Field("cpu-cluster", min_length=1, description="connect_db, data_prep…")
+    gpu_compute: str = Field("gpu-cluster", min_length=1, description="the training steps")
+    experiment_name: str | None = Field(None, description="default: the top-level experiment")
+    output_dir: Path | None = Field(None, description="dry-run YAML; default <workspace>/azureml")
+
+
 class PipelineConfig(_Section):
     workspace: Path = Field(Path(".sslpipe"), description="local folder for stores, runs, MLflow")
     experiment: str = Field("sslpipe", min_length=1, description="MLflow experiment name")
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "azureml"] = "local"
     demo: bool = Field(True, description="build the demo catalog when the metadata store is empty")
     stores: StoresConfig = StoresConfig()
     filter: ImageFilter = ImageFilter()
@@ -149,6 +165,7 @@ class PipelineConfig(_Section):
     labels: LabelsConfig = LabelsConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    azureml: AzureMLConfig = AzureMLConfig()
 
     @property
     def workspace_dir(self) -> Path:
