@@ -280,24 +280,22 @@ def load_classifier(reference: str) -> Any:
     Raises:
         ModelReferenceError: the reference names nothing, or a model that is not a classifier.
     """
-    name, version = resolve_version(reference)
-    model = _load_pyfunc(reference, f"models:/{name}/{version}")
-    kind = _python_model_kind(model)
-    if kind != "ImageClassifierModel":
-        raise ModelReferenceError(
-            f"{reference!r} ({name} version {version}) is not an image classifier ({kind})"
-        )
-    return model
+    return _load_registered(reference, "ImageClassifierModel", "an image classifier")
 
 
 def load_embedder(reference: str) -> Any:
     """The registered backbone as an MLflow pyfunc model (``predict(images) -> (N, D)``)."""
+    return _load_registered(reference, "BackboneEmbedder", "a backbone model")
+
+
+def _load_registered(reference: str, expected_kind: str, description: str) -> Any:
+    """The pyfunc model a reference points at now, refused unless it is ``expected_kind``."""
     name, version = resolve_version(reference)
     model = _load_pyfunc(reference, f"models:/{name}/{version}")
     kind = _python_model_kind(model)
-    if kind != "BackboneEmbedder":
+    if kind != expected_kind:
         raise ModelReferenceError(
-            f"{reference!r} ({name} version {version}) is not a backbone model ({kind})"
+            f"{reference!r} ({name} version {version}) is not {description} ({kind})"
         )
     return model
 
