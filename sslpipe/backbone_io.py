@@ -24,6 +24,25 @@ WEIGHTS_FILE = "backbone.pt"
 CONFIG_FILE = "backbone.json"
 
 
+def write_model_folder(
+    folder: Path, module: nn.Module, config: dict[str, Any], *, weights_file: str, config_file: str
+) -> dict[str, Any]:
+    """Write a module's tensors, then its JSON config, each atomically.
+
+    The config is written last, so its presence means the folder is complete.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / weights_file) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, tmp)
+    write_json(folder / config_file, config)
+    return config
+
+
+def preprocessing(image_size: int) -> dict[str, Any]:
+    """The input size and normalisation a saved model expects, as stored in its config."""
+    return {"image_size": image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
 def save_backbone(
     folder: Path,
     backbone: nn.Module,
@@ -33,21 +52,16 @@ def save_backbone(
     lineage: dict[str, Any],
 ) -> dict[str, Any]:
     """Write the backbone folder atomically file by file; the config is written last."""
-    folder.mkdir(parents=True, exist_ok=True)
-    feature_dim = build_backbone(spec)[1]
-    with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in backbone.state_dict().items()}, tmp)
     config = {
         "format": BACKBONE_FORMAT,
         "backbone": spec.to_dict(),
-        "feature_dim": feature_dim,
-        "image_size": image_size,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "feature_dim": spec.feature_dim,
+        **preprocessing(image_size),
         "lineage": lineage,
     }
-    write_json(folder / CONFIG_FILE, config)
-    return config
+    return write_model_folder(
+        folder, backbone, config, weights_file=WEIGHTS_FILE, config_file=CONFIG_FILE
+    )
 
 
 def load_backbone_dir(folder: Path) -> tuple[nn.Module, dict[str, Any]]:

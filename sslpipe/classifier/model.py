@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sslpipe.io import atomic_path, read_folder_config, write_json
-from sslpipe.moco.augment import IMAGENET_MEAN, IMAGENET_STD
+from sslpipe.backbone_io import preprocessing, write_model_folder
+from sslpipe.io import read_folder_config
 from sslpipe.moco.backbone import BackboneSpec, build_backbone
 
 CLASSIFIER_FORMAT = "sslpipe.classifier/v1"
@@ -72,23 +72,19 @@ def save_classifier(
     lineage: dict[str, Any],
 ) -> dict[str, Any]:
     """Write the classifier folder; the JSON config is written last (its presence = complete)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
     config = {
         "format": CLASSIFIER_FORMAT,
         "backbone": spec.to_dict(),
-        "feature_dim": build_backbone(spec)[1],
+        "feature_dim": spec.feature_dim,
         "hidden_dim": hidden_dim,
         "dropout": dropout,
         "classes": list(classes),
-        "image_size": image_size,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        **preprocessing(image_size),
         "lineage": lineage,
     }
-    write_json(folder / CONFIG_FILE, config)
-    return config
+    return write_model_folder(
+        folder, model, config, weights_file=WEIGHTS_FILE, config_file=CONFIG_FILE
+    )
 
 
 def load_classifier_dir(folder: Path) -> tuple[ImageClassifier, dict[str, Any]]:
