@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +16,8 @@ from PIL import Image
 
 from sslpipe.stores.local_blob import LocalFolderBlobStore
 from sslpipe.stores.sqlite import SQLiteMetadataStore
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ImageMaker = Callable[..., bytes]
 DocumentMaker = Callable[..., dict[str, Any]]
@@ -112,3 +117,53 @@ def tiny_catalog(tmp_path: Path) -> TinyCatalog:
         _document("f.jpeg", (701, ["Even", "4"]), (702, ["Odd", "5"])),
     )
     return catalog
+
+
+# --- the local servers (infra/servers.py) ------------------------------------------------------
+
+
+def _servers_module() -> Any:
+    name = "sslpipe_infra_servers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "infra" / "servers.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _started(server: str) -> dict[str, str]:
+    """Install (pinned, once) and start one local server; its endpoint and credentials.
+
+    Servers that are already up (``bash scripts/test.sh`` starts all three before pytest) are
+    reused. ``SSLPIPE_SKIP_SERVERS=1`` skips the tests that need them, for a quick inner loop;
+    the test command never sets it.
+    """
+    if os.environ.get("SSLPIPE_SKIP_SERVERS") == "1":
+        pytest.skip("SSLPIPE_SKIP_SERVERS=1: tests against the local servers are skipped")
+    servers = _servers_module()
+    try:
+        servers.start([server])
+    except servers.ServerError as err:
+        pytest.fail(f"the local {server} server could not be started: {err}", pytrace=False)
+    info: dict[str, str] = servers.connection_info()[server]
+    return info
+
+
+@pytest.fixture(scope="session")
+def azurite() -> dict[str, str]:
+    """Azurite: ``blob_endpoint``, ``account_name``, ``account_key``, ``connection_string``."""
+    return _started("azurite")
+
+
+@pytest.fixture(scope="session")
+def cosmos_server() -> dict[str, str]:
+    """The Cosmos DB-compatible server: ``endpoint`` (https, self-signed) and ``key``."""
+    return _started("cosmos")
+
+
+@pytest.fixture(scope="session")
+def label_studio() -> dict[str, str]:
+    """Label Studio: ``url``, ``token`` (the preset admin's API token) and ``user``."""
+    return _started("labelstudio")

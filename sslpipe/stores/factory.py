@@ -8,8 +8,8 @@ from urllib.parse import unquote, urlparse
 from sslpipe.stores.base import BlobStore, MetadataStore, StoreError
 from sslpipe.uris import redact_uri
 
-METADATA_SCHEMES = ("sqlite",)
-BLOB_SCHEMES = ("file",)
+METADATA_SCHEMES = ("sqlite", "cosmos")
+BLOB_SCHEMES = ("file", "https", "http")
 
 
 def _local_path(uri: str) -> Path:
@@ -18,12 +18,17 @@ def _local_path(uri: str) -> Path:
 
 
 def open_metadata_store(uri: str) -> MetadataStore:
-    """``sqlite:///abs/path.db`` -> SQLiteMetadataStore."""
+    """``sqlite:///abs/path.db`` -> SQLiteMetadataStore;
+    ``cosmos://host[:port]/database/container`` -> CosmosMetadataStore."""
     scheme = urlparse(uri).scheme
     if scheme == "sqlite":
         from sslpipe.stores.sqlite import SQLiteMetadataStore
 
         return SQLiteMetadataStore(_local_path(uri))
+    if scheme == "cosmos":
+        from sslpipe.stores.cosmos import CosmosMetadataStore
+
+        return CosmosMetadataStore.from_uri(uri)
     raise StoreError(
         f"unsupported metadata store URI {redact_uri(uri)!r}: "
         f"scheme {scheme!r} is not one of {METADATA_SCHEMES}"
@@ -31,12 +36,18 @@ def open_metadata_store(uri: str) -> MetadataStore:
 
 
 def open_blob_store(uri: str, *, create: bool = False) -> BlobStore:
-    """``file:///abs/folder`` -> LocalFolderBlobStore."""
+    """``file:///abs/folder`` -> LocalFolderBlobStore;
+    ``https://account.blob.core.windows.net/container`` (or the emulator's
+    ``http://127.0.0.1:10000/devstoreaccount1/container``) -> AzureBlobStore."""
     scheme = urlparse(uri).scheme
     if scheme == "file":
         from sslpipe.stores.local_blob import LocalFolderBlobStore
 
         return LocalFolderBlobStore(_local_path(uri), create=create)
+    if scheme in ("https", "http"):
+        from sslpipe.stores.azure_blob import AzureBlobStore
+
+        return AzureBlobStore.from_uri(uri, create=create)
     raise StoreError(
         f"unsupported blob store URI {redact_uri(uri)!r}: "
         f"scheme {scheme!r} is not one of {BLOB_SCHEMES}"
