@@ -3,14 +3,20 @@
 Downloads run concurrently (bounded by ``concurrency``) while decoding and resizing run in a
 thread pool, so I/O and CPU overlap; images stream through and are never all held in memory.
 
+Re-running into the same output folder is incremental: an image of the previous run is reused,
+without downloading its blob, when the previous manifest lists the same id with the same
+blob_path and image_size, the image file is as that run left it, and the blob's ETag is
+unchanged (one conditional request per blob). Changing image_size therefore refetches all.
+
 Outputs (one folder):
-    images/<id>      the resized image (JPEG)
-    manifest.csv     id, path (relative to the folder), label, width, height, then every other
-                     column of ids.csv but blob_path and file_hash (labelled: split, repeats)
+    images/<blob_path>  the resized image (JPEG)
+    manifest.csv     id, path (relative to the folder), label, width, height, blob_path,
+                     image_size, etag (of the blob the image was made from), then every other
+                     column of ids.csv but file_hash (labelled: split, repeats)
     skipped.csv      id, reason, detail for every image that could not be used
     selection.json   copied from the input, for lineage
     labels.json      copied from the input when there (connect_db's labelled mode)
-    stats.json       counts, skipped per reason, seconds, images/s
+    stats.json       counts (downloaded and reused too), skipped per reason, seconds, images/s
 """
 
 from __future__ import annotations
@@ -38,9 +44,9 @@ from sslpipe.uris import redact_uri
 
 log = get_logger("data_prep")
 
-MANIFEST_COLUMNS = ("id", "path", "label", "width", "height")
+MANIFEST_COLUMNS = ("id", "path", "label", "width", "height", "blob_path", "image_size", "etag")
 # ids.csv columns that are not passed through to the manifest (the others are, after these).
-_NOT_PASSED = ("blob_path", "file_hash", *MANIFEST_COLUMNS)
+_NOT_PASSED = ("file_hash", *MANIFEST_COLUMNS)
 # Files of the selection folder copied into the output as they are.
 _COPIED = ("selection.json", "labels.json")
 
@@ -58,6 +64,58 @@ class Outcome:
     height: int = 0
     reason: str | None = None
     detail: str = ""
+    blob_path: str = ""
+    etag: str = ""
+    downloaded: bool = False  # the blob's bytes were fetched (whatever came of them)
+    reused: bool = False  # the previous run's image was kept
+
+
+@dataclass(frozen=True)
+class Previous:
+    """An image that the previous finished run prepared, as its manifest lists it."""
+
+    path: str
+    width: int
+    height: int
+    blob_path: str
+    image_size: int
+    etag: str
+
+
+def _previous_images(output_dir: Path) -> dict[str, Previous]:
+    """The images of the last finished run in ``output_dir`` by id, as its manifest lists them,
+    keeping only those whose file is still as that run left it (a failed run since then may
+    have replaced some: those are newer than the manifest). Empty when there is no manifest or
+    it predates ETags."""
+    manifest_path = output_dir / "manifest.csv"
+    if not manifest_path.is_file():
+        return {}
+    frame = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
+    if not set(MANIFEST_COLUMNS) <= set(frame.columns):
+        log.info("%s has no ETags (an older run): every image is fetched", manifest_path)
+        return {}
+    finished = manifest_path.stat().st_mtime_ns
+    previous: dict[str, Previous] = {}
+    for row in frame.drop_duplicates("id").to_dict("records"):
+        image = output_dir / row["path"]
+        if not (row["etag"] and image.is_file() and image.stat().st_mtime_ns <= finished):
+            continue
+        try:
+            width, height, size = int(row["width"]), int(row["height"]), int(row["image_size"])
+        except ValueError:
+            continue  # edited by hand: fetch it again
+        previous[row["id"]] = Previous(
+            row["path"], width, height, row["blob_path"], size, row["etag"]
+        )
+    return previous
+
+
+def _known_etag(before: Previous | None, blob_path: str, path: str, image_size: int) -> str | None:
+    """The ETag the previous image was made from when it is reusable for this row, else None."""
+    if before is None:
+        return None
+    same = (before.blob_path, before.path, before.image_size) == (blob_path, path, image_size)
+    return before.etag if same else None
 
 
 def _process(data: bytes, target: Path, image_size: int) -> tuple[int, int]:
@@ -67,25 +125,43 @@ def _process(data: bytes, target: Path, image_size: int) -> tuple[int, int]:
     return image.size
 
 
-async def _fetch_one(
-    store: BlobStore, row: dict[str, str], out_dir: Path, image_size: int, pool: ThreadPoolExecutor
-) -> Outcome:
-    image_id, label = row["id"], row.get("label", "")
+@dataclass(frozen=True)
+class _Job:
+    """What every fetch of one run shares."""
+
+    store: BlobStore
+    out_dir: Path
+    image_size: int
+    pool: ThreadPoolExecutor
+    previous: dict[str, Previous]
+
+
+async def _fetch_one(job: _Job, row: dict[str, str]) -> Outcome:
+    """The image of one id-list row: reused from the previous run when its blob is unchanged,
+    else downloaded and resized; or the reason it is skipped."""
+    image_id, label, blob_path = row["id"], row.get("label", ""), row["blob_path"]
     try:
-        target = safe_blob_path(out_dir / "images", row["blob_path"])
+        target = safe_blob_path(job.out_dir / "images", blob_path)
     except ValueError as err:
         return Outcome(image_id, label, reason="unsafe_name", detail=str(err))
+    relative = target.relative_to(job.out_dir).as_posix()
+    before = job.previous.get(image_id)
+    known = _known_etag(before, blob_path, relative, job.image_size)
     try:
-        data = await store.read(row["blob_path"])
+        data, etag = await job.store.read_if_changed(blob_path, known)
     except BlobNotFoundError as err:
         return Outcome(image_id, label, reason="missing_blob", detail=str(err))
+    if data is None and before is not None:
+        return Outcome(image_id, label, relative, before.width, before.height,
+                       blob_path=blob_path, etag=etag, reused=True)  # fmt: skip
+    assert data is not None  # read_if_changed(name, None) always reads
     try:
         loop = asyncio.get_running_loop()
-        width, height = await loop.run_in_executor(pool, _process, data, target, image_size)
+        width, height = await loop.run_in_executor(job.pool, _process, data, target, job.image_size)
     except UnusableImageError as err:
-        return Outcome(image_id, label, reason=err.reason, detail=str(err))
-    relative = target.relative_to(out_dir).as_posix()
-    return Outcome(image_id, label, path=relative, width=width, height=height)
+        return Outcome(image_id, label, reason=err.reason, detail=str(err), downloaded=True)
+    return Outcome(image_id, label, relative, width, height,
+                   blob_path=blob_path, etag=etag, downloaded=True)  # fmt: skip
 
 
 async def _fetch_all(
@@ -94,16 +170,19 @@ async def _fetch_all(
     out_dir: Path,
     image_size: int,
     concurrency: int,
+    previous: dict[str, Previous],
 ) -> list[Outcome]:
     outcomes: list[Outcome] = []
     workers = max(1, min(concurrency, os.cpu_count() or 1))
+    store.set_max_concurrency(concurrency)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        job = _Job(store, out_dir, image_size, pool, previous)
 
         async def worker() -> None:
             # Each worker pulls the next row when it is free: at most ``concurrency`` images
             # are in flight, however long the id list is.
             for row in rows:
-                outcomes.append(await _fetch_one(store, row, out_dir, image_size, pool))
+                outcomes.append(await _fetch_one(job, row))
 
         try:
             await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -123,6 +202,10 @@ def run_data_prep(
 ) -> dict[str, Any]:
     """Fetch and resize every image in ``ids_dir/ids.csv``; returns the stats.
 
+    Images that an earlier run prepared in ``output_dir`` are reused when their blob is
+    unchanged (see the module docstring); ``stats["downloaded"]`` and ``stats["reused"]`` count
+    both kinds.
+
     Raises:
         TooManySkippedError: when the skipped share exceeds ``max_skipped_fraction``; the
             skipped list is still written so the cause can be inspected.
@@ -140,10 +223,15 @@ def run_data_prep(
     )
     started = time.perf_counter()
     rows = iter(table[["id", "blob_path", "label"]].to_dict("records"))
-    outcomes = asyncio.run(_fetch_all(store, rows, output_dir, image_size, concurrency))
+    previous = _previous_images(output_dir)
+    if previous:
+        log.info("%d images of the previous run may be reused", len(previous))
+    outcomes = asyncio.run(_fetch_all(store, rows, output_dir, image_size, concurrency, previous))
     seconds = time.perf_counter() - started
     extra = table[["id", *(c for c in table.columns if c not in _NOT_PASSED)]]
-    return _write_outputs(outcomes, extra, ids_dir, output_dir, seconds, max_skipped_fraction)
+    return _write_outputs(
+        outcomes, extra, ids_dir, output_dir, image_size, seconds, max_skipped_fraction
+    )
 
 
 def _write_outputs(
@@ -151,6 +239,7 @@ def _write_outputs(
     extra: pd.DataFrame,
     ids_dir: Path,
     output_dir: Path,
+    image_size: int,
     seconds: float,
     max_skipped: float,
 ) -> dict[str, Any]:
@@ -158,7 +247,8 @@ def _write_outputs(
     good = [o for o in outcomes if o.reason is None]
     bad = [o for o in outcomes if o.reason is not None]
     manifest = pd.DataFrame(
-        [(o.id, o.path, o.label, o.width, o.height) for o in good], columns=list(MANIFEST_COLUMNS)
+        [(o.id, o.path, o.label, o.width, o.height, o.blob_path, image_size, o.etag) for o in good],
+        columns=list(MANIFEST_COLUMNS),
     )
     if len(extra.columns) > 1:
         # The id list's own columns (split, repeats, ...) follow the image's, in their order.
@@ -170,6 +260,8 @@ def _write_outputs(
     stats = {
         "requested": len(outcomes),
         "prepared": len(good),
+        "downloaded": sum(o.downloaded for o in outcomes),
+        "reused": sum(o.reused for o in outcomes),
         "skipped": dict(sorted(Counter(str(o.reason) for o in bad).items())),
         "seconds": round(seconds, 3),
         "images_per_s": round(len(outcomes) / seconds, 1) if seconds > 0 else None,
@@ -182,9 +274,12 @@ def _write_outputs(
             (output_dir / name).unlink(missing_ok=True)  # left by an earlier run
     write_json(output_dir / "stats.json", stats)
     log.info(
-        "prepared %d of %d images in %.1f s (%.1f images/s); skipped: %s",
+        "prepared %d of %d images (%d downloaded, %d reused) in %.1f s (%.1f images/s); "
+        "skipped: %s",
         len(good),
         len(outcomes),
+        stats["downloaded"],
+        stats["reused"],
         seconds,
         stats["images_per_s"] or 0.0,
         stats["skipped"] or "none",

@@ -35,7 +35,9 @@ def prep(catalog: Any, ids_dir: Path, **kwargs: Any) -> dict[str, Any]:
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"id": str, "label": str, "path": str}, keep_default_na=False)
+    return pd.read_csv(
+        path, dtype={"id": str, "label": str, "path": str, "etag": str}, keep_default_na=False
+    )
 
 
 @pytest.fixture
@@ -55,15 +57,17 @@ def test_good_images_are_resized_into_the_manifest(tiny_catalog: Any) -> None:
     stats = prep(tiny_catalog, ids_dir, image_size=24)
     manifest = read_csv(tiny_catalog.root / "data" / "manifest.csv")
     assert list(manifest.columns) == list(MANIFEST_COLUMNS)
-    assert manifest.to_dict("records") == [
-        {"id": "a.jpeg", "path": "images/a.jpeg", "label": "Even", "width": 32, "height": 24},
-        {"id": "b.jpeg", "path": "images/b.jpeg", "label": "Odd", "width": 32, "height": 24},
-        {"id": "c.jpeg", "path": "images/c.jpeg", "label": "", "width": 32, "height": 24},
-    ]
+    assert manifest.drop(columns="etag").to_dict("records") == [
+        {"id": i, "path": f"images/{i}", "label": label, "width": 32, "height": 24,
+         "blob_path": i, "image_size": 24}
+        for i, label in GOOD
+    ]  # fmt: skip
+    assert manifest["etag"].str.len().min() > 0
     for path in manifest["path"]:
         with Image.open(tiny_catalog.root / "data" / path) as image:
             assert image.format == "JPEG" and image.mode == "RGB" and image.size == (32, 24)
     assert stats["requested"] == 3 and stats["prepared"] == 3 and stats["skipped"] == {}
+    assert stats["downloaded"] == 3 and stats["reused"] == 0
     assert read_csv(tiny_catalog.root / "data" / "skipped.csv").empty
 
 

@@ -1,45 +1,103 @@
 """One suite for every blob store implementation, plus the local folder's path safety.
 
 To add an implementation, append one ``pytest.param(factory, id=...)`` to
-``BLOB_STORE_FACTORIES``: a factory takes an empty folder and returns an empty container.
+``BLOB_STORE_FACTORIES``: a factory takes an empty folder and the test's request (to ask for
+fixtures such as a local server) and returns an empty container. Each test runs in one event
+loop (``run``), as a step does.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from azure.storage.blob import BlobServiceClient
 
 from sslpipe.stores import StoreError, open_blob_store
+from sslpipe.stores.azure_blob import CONNECTION_STRING_ENV, AzureBlobStore
 from sslpipe.stores.base import BlobInfo, BlobNotFoundError, BlobStore
 from sslpipe.stores.local_blob import LocalFolderBlobStore, safe_blob_path
 
 T = TypeVar("T")
-BlobStoreFactory = Callable[[Path], BlobStore]
+BlobStoreFactory = Callable[[Path, pytest.FixtureRequest], BlobStore]
 
 
-def _local_folder_store(folder: Path) -> BlobStore:
+def _local_folder_store(folder: Path, request: pytest.FixtureRequest) -> BlobStore:
     return LocalFolderBlobStore(folder / "images", create=True)
+
+
+class _AbstractMethodsOnly(BlobStore):
+    """A store with only the abstract methods (over a local folder): checks the base class's
+    default ``info`` and ``read_if_changed``."""
+
+    def __init__(self, inner: LocalFolderBlobStore) -> None:
+        self.inner, self.uri, self.container = inner, inner.uri, inner.container
+
+    async def read(self, name: str) -> bytes:
+        return await self.inner.read(name)
+
+    async def write(self, name: str, data: bytes) -> None:
+        await self.inner.write(name, data)
+
+    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+        async for info in self.inner.list(prefix):
+            yield info
+
+
+def _base_defaults_store(folder: Path, request: pytest.FixtureRequest) -> BlobStore:
+    return _AbstractMethodsOnly(LocalFolderBlobStore(folder / "images", create=True))
+
+
+def _azure_blob_store(folder: Path, request: pytest.FixtureRequest) -> BlobStore:
+    """A new container in Azurite, reached with its connection string (deleted afterwards)."""
+    azurite = request.getfixturevalue("azurite")
+    request.getfixturevalue("monkeypatch").setenv(
+        CONNECTION_STRING_ENV, azurite["connection_string"]
+    )
+    container = f"suite-{uuid.uuid4().hex[:16]}"
+
+    def drop() -> None:
+        with BlobServiceClient.from_connection_string(azurite["connection_string"]) as service:
+            service.delete_container(container)
+
+    store = AzureBlobStore.from_uri(f"{azurite['blob_endpoint']}/{container}", create=True)
+    request.addfinalizer(drop)
+    return store
 
 
 BLOB_STORE_FACTORIES = [
     pytest.param(_local_folder_store, id="local-folder"),
-    # pytest.param(_azure_blob_store, id="azure-blob"),  # e.g. against Azurite, when available
+    pytest.param(_base_defaults_store, id="base-defaults"),
+    pytest.param(_azure_blob_store, id="azure-blob", marks=pytest.mark.servers),
 ]
+
+_runner: asyncio.Runner | None = None
+
+
+@pytest.fixture(autouse=True)
+def _one_event_loop_per_test() -> Iterator[None]:
+    global _runner
+    with asyncio.Runner() as runner:
+        _runner = runner
+        yield
+        _runner = None
 
 
 @pytest.fixture(params=BLOB_STORE_FACTORIES)
 def blob_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
-    store = request.param(tmp_path)
+    store = request.param(tmp_path, request)
     yield store
-    asyncio.run(store.close())
+    run(store.close())
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coroutine)
+    """Run ``coroutine`` in the test's event loop."""
+    assert _runner is not None
+    return _runner.run(coroutine)
 
 
 async def _listing(store: BlobStore, prefix: str = "") -> list[BlobInfo]:
@@ -88,6 +146,40 @@ def test_the_etag_changes_when_the_blob_changes(blob_store: BlobStore) -> None:
     before = run(_listing(blob_store))[0].etag
     run(blob_store.write("a.jpeg", b"other content"))
     assert run(_listing(blob_store))[0].etag != before
+
+
+def test_info_gives_the_listing_of_one_blob(blob_store: BlobStore) -> None:
+    run(blob_store.write("dir/b.jpeg", b"22"))
+    run(blob_store.write("dir/b.jpeg2", b"333"))
+    info = run(blob_store.info("dir/./b.jpeg"))
+    assert info == run(_listing(blob_store, "dir/b.jpeg"))[0]
+    assert (info.name, info.size) == ("dir/b.jpeg", 2)
+    with pytest.raises(BlobNotFoundError, match=r"'dir' not found"):
+        run(blob_store.info("dir"))
+
+
+def test_read_if_changed_reads_only_when_the_etag_differs(blob_store: BlobStore) -> None:
+    run(blob_store.write("a.jpeg", b"one"))
+    data, etag = run(blob_store.read_if_changed("a.jpeg", None))
+    assert data == b"one" and etag == run(_listing(blob_store))[0].etag
+    assert run(blob_store.read_if_changed("a.jpeg", etag)) == (None, etag)
+    assert run(blob_store.read_if_changed("a.jpeg", "another etag")) == (b"one", etag)
+    run(blob_store.write("a.jpeg", b"two!"))
+    data, new_etag = run(blob_store.read_if_changed("a.jpeg", etag))
+    assert data == b"two!" and new_etag != etag
+    assert new_etag == run(_listing(blob_store))[0].etag
+
+
+def test_read_if_changed_sees_a_rewrite_of_the_same_size(blob_store: BlobStore) -> None:
+    run(blob_store.write("a.jpeg", b"one"))
+    _, etag = run(blob_store.read_if_changed("a.jpeg", None))
+    run(blob_store.write("a.jpeg", b"owt"))  # at once, same size
+    assert run(blob_store.read_if_changed("a.jpeg", etag))[0] == b"owt"
+
+
+def test_read_if_changed_of_a_missing_blob_raises_blob_not_found(blob_store: BlobStore) -> None:
+    with pytest.raises(BlobNotFoundError, match=r"'missing\.jpeg' not found"):
+        run(blob_store.read_if_changed("missing.jpeg", "some etag"))
 
 
 def test_unicode_and_space_names_round_trip(blob_store: BlobStore) -> None:
@@ -184,7 +276,7 @@ def test_open_blob_store_picks_the_local_folder_for_file_uris(tmp_path: Path) ->
 
 
 def test_an_unsupported_blob_scheme_is_refused_without_leaking_the_signature() -> None:
-    uri = "https://acct.blob.core.windows.net/images?sv=2024&sig=s3cret"
-    with pytest.raises(StoreError, match="scheme 'https' is not one of") as err:
+    uri = "ftp://acct.blob.core.windows.net/images?sv=2024&sig=s3cret"
+    with pytest.raises(StoreError, match="scheme 'ftp' is not one of") as err:
         open_blob_store(uri)
     assert "s3cret" not in str(err.value)

@@ -1,0 +1,578 @@
+"""Azure Blob Storage: one container, through azure-storage-blob's async client (aiohttp).
+
+URIs name one container::
+
+    https://<account>.blob.core.windows.net/<container>[?<SAS token>]
+    http://127.0.0.1:10000/devstoreaccount1/<container>      (Azurite, path style; loopback only)
+
+Credentials, first found wins (the store's ``auth`` names the source, never the secret):
+
+1. a SAS token in the URI's query;
+2. ``AZURE_STORAGE_CONNECTION_STRING`` when it names this account's blob endpoint
+   (its ``AccountKey`` or ``SharedAccessSignature``);
+3. ``AZURE_STORAGE_SAS_TOKEN``;
+4. ``AZURE_STORAGE_KEY`` (the account name is read from the URI);
+5. ``azure.identity.aio.DefaultAzureCredential`` (managed identity on Azure ML compute).
+
+One aiohttp session (connection pool) serves every request of a store; it is opened on first use
+in the running event loop and released by :meth:`AzureBlobStore.close`. Transient failures are
+retried with exponential backoff by the SDK's retry policy, and a download whose body breaks off
+is retried whole; secrets never appear in the store's URI, its repr, logs or error messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import random
+import re
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlparse
+
+import aiohttp
+from azure.core import MatchConditions
+from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.core.pipeline.transport import AioHttpTransport
+from azure.storage.blob.aio import BlobServiceClient, ContainerClient, ExponentialRetry
+
+from sslpipe.logs import get_logger
+from sslpipe.stores.base import BlobInfo, BlobNotFoundError, BlobStore, StoreError, blob_key
+from sslpipe.uris import redact_uri
+
+log = get_logger("stores.azure_blob")
+
+T = TypeVar("T")
+
+CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
+SAS_TOKEN_ENV = "AZURE_STORAGE_SAS_TOKEN"
+ACCOUNT_KEY_ENV = "AZURE_STORAGE_KEY"
+DEFAULT_CREDENTIAL = "DefaultAzureCredential"
+
+# https://learn.microsoft.com/rest/api/storageservices/naming-and-referencing-containers--blobs--and-metadata
+_CONTAINER_NAME = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$|^\$(root|web|logs)$")
+_SIGNATURE = re.compile(r"(?i)(sig|key|token|secret|password|accountkey)=[^&;\s]*")
+# Status codes worth a second try once the SDK's own retries are spent; None: no response at all.
+_TRANSIENT_STATUS = (None, 408, 429, 500, 502, 503, 504)
+_NOT_MODIFIED = 304
+# The credential is valid but does not allow the operation (e.g. a SAS without that permission).
+_PERMISSION_CODES = ("AuthorizationPermissionMismatch", "AuthorizationResourceTypeMismatch")
+
+
+# --- where: the container a URI names ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlobLocation:
+    """A container parsed from a URI: ``account_url`` (no query), ``account_name`` (None when
+    the host does not tell it), ``container`` and the URI's SAS token, if any (never shown)."""
+
+    account_url: str
+    account_name: str | None
+    container: str
+    sas_token: str | None = field(default=None, repr=False)
+
+    @property
+    def uri(self) -> str:
+        """The container's URI without credentials."""
+        return f"{self.account_url}/{self.container}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_path_style(host: str) -> bool:
+    """Emulators and IP endpoints put the account in the path, not in the host name."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_blob_uri(uri: str) -> BlobLocation:
+    """The container that ``uri`` names.
+
+    Raises:
+        StoreError: the URI is not an https (or loopback http) container URI; the message shows
+            the URI redacted and the expected form.
+    """
+    shown = redact_uri(uri)
+    parsed = urlparse(uri)
+    host = parsed.hostname or ""
+    expected = (
+        "expected https://<account>.blob.core.windows.net/<container> "
+        "or, for the local emulator, http://127.0.0.1:10000/<account>/<container>"
+    )
+    if parsed.scheme not in ("https", "http") or not host:
+        raise StoreError(f"{shown!r} is not a blob container URI: {expected}")
+    if "@" in parsed.netloc:
+        raise StoreError(
+            f"{shown!r}: credentials in the URI's user part are not supported; use a SAS token "
+            f"in the query or the {CONNECTION_STRING_ENV} / {ACCOUNT_KEY_ENV} environment"
+        )
+    if parsed.scheme == "http" and not _is_loopback(host):
+        raise StoreError(
+            f"refusing plain http for {shown!r}: only a local emulator on a loopback address "
+            "(127.0.0.1, ::1, localhost) may be reached without TLS; use https://"
+        )
+    try:
+        parsed.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise StoreError(f"{shown!r} has an invalid port: {expected}") from None
+    parts = [unquote(p) for p in parsed.path.split("/") if p]
+    path_style = _is_path_style(host)
+    if len(parts) != (2 if path_style else 1):
+        raise StoreError(f"{shown!r} does not name exactly one container: {expected}")
+    container = parts[-1]
+    if not _CONTAINER_NAME.match(container):
+        raise StoreError(
+            f"{shown!r}: {container!r} is not a valid container name (3 to 63 lowercase "
+            "letters, digits and single hyphens, starting and ending with a letter or digit)"
+        )
+    if path_style:
+        account: str | None = parts[0]
+        account_url = f"{parsed.scheme}://{parsed.netloc}/{parts[0]}"
+    else:
+        account = host.split(".")[0] if ".blob." in host else None
+        account_url = f"{parsed.scheme}://{parsed.netloc}"
+    sas = parsed.query or None
+    if sas is not None and "sig=" not in sas:
+        raise StoreError(f"{shown!r}: the URI's query is not a SAS token (it has no 'sig=')")
+    return BlobLocation(account_url, account, container, sas)
+
+
+# --- who: the credential -----------------------------------------------------------------------
+
+Credential = AzureSasCredential | AzureNamedKeyCredential
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Where the credential came from (safe to show) and the credential itself (never shown);
+    ``credential=None`` means a token credential (DefaultAzureCredential), made per client."""
+
+    source: str
+    credential: Credential | None = field(default=None, repr=False)
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+
+
+def _parse_connection_string(text: str) -> dict[str, str]:
+    """The ``key=value;...`` pairs of a connection string, keys lower-cased."""
+    pairs = (part.partition("=") for part in text.split(";") if part.strip())
+    return {key.strip().lower(): value.strip() for key, _, value in pairs}
+
+
+def _endpoint_key(url: str) -> tuple[str, int | None, str]:
+    parsed = urlparse(url)
+    port = parsed.port or {"https": 443, "http": 80}.get(parsed.scheme)
+    return (parsed.hostname or "").lower(), port, parsed.path.rstrip("/")
+
+
+def _connection_string_auth(text: str, location: BlobLocation) -> Auth | None:
+    """The credential of a connection string that names ``location``'s account, else None."""
+    fields = _parse_connection_string(text)
+    account = fields.get("accountname")
+    endpoint = fields.get("blobendpoint")
+    if endpoint is None and account:
+        protocol = fields.get("defaultendpointsprotocol", "https")
+        suffix = fields.get("endpointsuffix", "core.windows.net")
+        endpoint = f"{protocol}://{account}.blob.{suffix}"
+    if endpoint is None or _endpoint_key(endpoint) != _endpoint_key(location.account_url):
+        return None
+    source = f"{CONNECTION_STRING_ENV} (account {account or location.account_name})"
+    if sas := fields.get("sharedaccesssignature"):
+        return Auth(source, AzureSasCredential(sas.lstrip("?")), (text, sas))
+    if (key := fields.get("accountkey")) and account:
+        return Auth(source, AzureNamedKeyCredential(account, key), (text, key))
+    return None
+
+
+def resolve_auth(location: BlobLocation, environ: Mapping[str, str]) -> Auth:
+    """The credential for ``location``, in the order of this module's docstring.
+
+    Raises:
+        StoreError: ``AZURE_STORAGE_KEY`` is set but the URI does not tell the account name, or
+            a loopback (http) emulator would need a token credential, which requires TLS.
+    """
+    if location.sas_token:
+        return Auth("the URI's SAS token", AzureSasCredential(location.sas_token),
+                    (location.sas_token,))  # fmt: skip
+    if (text := environ.get(CONNECTION_STRING_ENV)) and (
+        auth := _connection_string_auth(text, location)
+    ):
+        return auth
+    if sas := environ.get(SAS_TOKEN_ENV):
+        return Auth(SAS_TOKEN_ENV, AzureSasCredential(sas.lstrip("?")), (sas,))
+    if key := environ.get(ACCOUNT_KEY_ENV):
+        if not location.account_name:
+            raise StoreError(
+                f"{ACCOUNT_KEY_ENV} is set but the account name of {location.uri!r} is unknown; "
+                f"use https://<account>.blob.core.windows.net/... or {CONNECTION_STRING_ENV}"
+            )
+        return Auth(ACCOUNT_KEY_ENV, AzureNamedKeyCredential(location.account_name, key), (key,))
+    if location.account_url.startswith("http://"):
+        raise StoreError(
+            f"no credentials for the emulator at {location.account_url}: set "
+            f"{CONNECTION_STRING_ENV}, {SAS_TOKEN_ENV} or {ACCOUNT_KEY_ENV} "
+            f"({DEFAULT_CREDENTIAL} needs https)"
+        )
+    return Auth(DEFAULT_CREDENTIAL)
+
+
+# --- how: retries and error messages -----------------------------------------------------------
+
+
+class _Backoff(ExponentialRetry):
+    """The SDK's storage retry policy with a plain exponential backoff: ``first_s * 2**n``
+    seconds before retry ``n`` (0-based), at most ``max_s``, jittered by ±20%."""
+
+    def __init__(self, *, retry_total: int, first_s: float, max_s: float) -> None:
+        super().__init__(
+            retry_total=retry_total,
+            retry_connect=retry_total,
+            retry_read=retry_total,
+            retry_status=retry_total,
+        )
+        self.first_s, self.max_s = first_s, max_s
+
+    def get_backoff_time(self, settings: dict[str, Any]) -> float:
+        return backoff_seconds(settings["count"], self.first_s, self.max_s)
+
+
+def backoff_seconds(retry: int, first_s: float, max_s: float) -> float:
+    """Seconds to wait before retry number ``retry`` (0-based): exponential, capped, jittered."""
+    return min(max_s, first_s * 2**retry) * random.uniform(0.8, 1.2)
+
+
+def _is_transient(error: BaseException) -> bool:
+    """True for a dropped connection, a broken-off body or a 408/429/5xx answer."""
+    if isinstance(error, ServiceRequestError | ServiceResponseError):
+        return True
+    if isinstance(error, HttpResponseError):
+        return error.status_code in _TRANSIENT_STATUS
+    return isinstance(error, aiohttp.ClientError | ConnectionError | TimeoutError)
+
+
+def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return _SIGNATURE.sub(lambda m: f"{m.group(1)}=***", text)
+
+
+def _error_code(error: BaseException) -> str | None:
+    """The storage error code (``x-ms-error-code``) of an SDK error, if any."""
+    code = getattr(error, "error_code", None)
+    return None if code is None else str(getattr(code, "value", code))  # enum member or text
+
+
+async def _container_exists(container: ContainerClient) -> bool | None:
+    """Whether the container exists; None when the credential may not tell (a container SAS
+    may read blobs but neither get the container's properties nor list it)."""
+    try:
+        return await container.exists()
+    except HttpResponseError as err:
+        if _error_code(err) not in _PERMISSION_CODES:
+            raise
+    try:
+        async for _ in container.list_blobs(results_per_page=1):
+            break
+    except ResourceNotFoundError:
+        return False
+    except HttpResponseError as err:
+        if _error_code(err) not in _PERMISSION_CODES:
+            raise
+        return None
+    return True
+
+
+def _bare_etag(etag: str | None) -> str:
+    """ETags without their quotes: the service quotes them in headers but not in listings."""
+    return (etag or "").strip('"')
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Client:
+    """The clients of one event loop: one aiohttp session shared by every request."""
+
+    loop: asyncio.AbstractEventLoop
+    session: aiohttp.ClientSession
+    service: BlobServiceClient
+    container: ContainerClient
+    token_credential: Any = None
+
+    async def close(self) -> None:
+        await self.container.close()
+        await self.service.close()
+        await self.session.close()
+        if self.token_credential is not None:
+            await self.token_credential.close()
+
+
+def _run_to_completion(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine from synchronous code, in a fresh event loop (a worker thread's when the
+    caller is itself inside a running loop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
+
+
+class AzureBlobStore(BlobStore):
+    """One Azure Blob Storage container; see the module docstring for URIs and credentials.
+
+    Args:
+        location: the container (:func:`parse_blob_uri`).
+        auth: the credential (:func:`resolve_auth`).
+        max_connections: size of the shared connection pool; raised by
+            :meth:`set_max_concurrency`.
+        retry_total: retries of one request on transient errors (the SDK's retry policy).
+        backoff_s: wait before the first retry; doubled for each further one (``max_backoff_s``).
+        download_attempts: tries of a whole download whose connection broke off.
+        connection_timeout_s, read_timeout_s: per request.
+    """
+
+    def __init__(
+        self,
+        location: BlobLocation,
+        auth: Auth,
+        *,
+        max_connections: int = 64,
+        retry_total: int = 5,
+        backoff_s: float = 0.8,
+        max_backoff_s: float = 30.0,
+        download_attempts: int = 3,
+        connection_timeout_s: float = 20.0,
+        read_timeout_s: float = 120.0,
+    ) -> None:
+        if max_connections < 1 or retry_total < 0 or download_attempts < 1 or backoff_s < 0:
+            raise ValueError(
+                "AzureBlobStore needs max_connections >= 1, retry_total >= 0, "
+                f"download_attempts >= 1 and backoff_s >= 0; got {max_connections}, "
+                f"{retry_total}, {download_attempts} and {backoff_s}"
+            )
+        self.location, self.auth = location, auth
+        self.uri, self.container = location.uri, location.container
+        self.max_connections = max_connections
+        self.retry_total, self.download_attempts = retry_total, download_attempts
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.connection_timeout_s, self.read_timeout_s = connection_timeout_s, read_timeout_s
+        self._client: _Client | None = None
+
+    @classmethod
+    def from_uri(cls, uri: str, *, create: bool = False, **settings: Any) -> AzureBlobStore:
+        """The store of the container ``uri`` names, checked to exist (created with
+        ``create=True``); ``settings`` are the constructor's keyword arguments.
+
+        Raises:
+            StoreError: bad URI, no usable credential, the container is missing (and
+                ``create`` is False) or cannot be reached.
+        """
+        location = parse_blob_uri(uri)
+        store = cls(location, resolve_auth(location, os.environ), **settings)
+        _run_to_completion(lambda: store._open_container(create=create))
+        return store
+
+    def __repr__(self) -> str:
+        return f"AzureBlobStore({self.uri!r}, auth={self.auth.source!r})"
+
+    def set_max_concurrency(self, requests: int) -> None:
+        """Size the connection pool for ``requests`` calls in flight (before the first call)."""
+        self.max_connections = max(self.max_connections, requests)
+
+    # --- clients -------------------------------------------------------------------------------
+
+    def _new_client(self) -> _Client:
+        """Clients bound to the running event loop, sharing one aiohttp session."""
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.max_connections),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,  # azure-core reads the raw body
+            trust_env=True,
+        )
+        token_credential = None
+        credential: Any = self.auth.credential
+        if credential is None:
+            from azure.identity.aio import DefaultAzureCredential
+
+            credential = token_credential = DefaultAzureCredential()
+        service = BlobServiceClient(
+            self.location.account_url,
+            credential=credential,
+            transport=AioHttpTransport(session=session, session_owner=False),
+            retry_policy=_Backoff(
+                retry_total=self.retry_total, first_s=self.backoff_s, max_s=self.max_backoff_s
+            ),
+            connection_timeout=self.connection_timeout_s,
+            read_timeout=self.read_timeout_s,
+        )
+        container = service.get_container_client(self.container)
+        loop = asyncio.get_running_loop()
+        return _Client(loop, session, service, container, token_credential)
+
+    def _container_client(self) -> ContainerClient:
+        """The container client of the running event loop, made on first use."""
+        loop = asyncio.get_running_loop()
+        if self._client is not None and self._client.loop is not loop:
+            if not self._client.loop.is_closed():
+                raise StoreError(
+                    f"{self!r} is in use by another event loop; close() it there first"
+                )
+            self._client = None  # its loop has ended and took the connections with it
+        if self._client is None:
+            self._client = self._new_client()
+        return self._client.container
+
+    async def close(self) -> None:
+        """Release the connection pool (and the token credential); the store can be used again."""
+        client, self._client = self._client, None
+        if client is not None and client.loop is asyncio.get_running_loop():
+            await client.close()
+
+    async def _open_container(self, *, create: bool) -> None:
+        client = self._new_client()
+        try:
+            exists = await _container_exists(client.container)
+            if exists is None:
+                log.info(
+                    "%s: the credentials (%s) may not check that the container exists; "
+                    "assuming it does",
+                    self.uri,
+                    self.auth.source,
+                )
+            if exists is not False:
+                return
+            if not create:
+                raise StoreError(
+                    f"blob container {self.container!r} does not exist at "
+                    f"{self.location.account_url}; create it or open the store with create=True"
+                )
+            with contextlib.suppress(ResourceExistsError):  # created meanwhile elsewhere
+                await client.container.create_container()
+            log.info("created blob container %s", self.uri)
+        except AzureError as err:
+            raise self._error("cannot open the container", err) from None
+        finally:
+            await client.close()
+
+    def _error(self, doing: str, error: BaseException) -> StoreError:
+        """A StoreError naming this store, what failed and why, without any secret."""
+        status = getattr(error, "status_code", None)
+        code = _error_code(error)
+        reason = str(getattr(error, "message", None) or error).strip().splitlines() or [""]
+        detail = ", ".join(str(x) for x in (status and f"HTTP {status}", code) if x)
+        text = f"{self.uri}: {doing}: {type(error).__name__}"
+        text += f" ({detail})" if detail else ""
+        text += f": {reason[0]} [credentials from {self.auth.source}]"
+        return StoreError(_scrub(text, self.auth.secrets))
+
+    def _not_found(self, name: str, error: ResourceNotFoundError) -> StoreError:
+        if _error_code(error) == "ContainerNotFound":
+            return self._error(f"cannot read blob {name!r}: the container is gone", error)
+        return BlobNotFoundError(f"blob {name!r} not found in {self.uri}")
+
+    # --- blobs ---------------------------------------------------------------------------------
+
+    async def read(self, name: str) -> bytes:
+        data, _ = await self.read_if_changed(name, None)
+        assert data is not None  # an unconditional read always has a body
+        return data
+
+    async def read_if_changed(self, name: str, etag: str | None) -> tuple[bytes | None, str]:
+        """``(None, etag)`` when the blob's ETag is still ``etag`` (one conditional GET, 304),
+        else ``(bytes, new etag)``; a download that breaks off is retried whole.
+
+        Raises:
+            BlobNotFoundError: no such blob (not retried).
+            StoreError: the download failed ``download_attempts`` times or was refused; the
+                message names the endpoint and the blob.
+        """
+        key = blob_key(name)
+        last: BaseException | None = None
+        for attempt in range(self.download_attempts):
+            if attempt:
+                wait = backoff_seconds(attempt - 1, self.backoff_s, self.max_backoff_s)
+                log.warning(
+                    "download of blob %r from %s broke off (%s); try %d of %d in %.1f s",
+                    key, self.uri, type(last).__name__, attempt + 1, self.download_attempts, wait,
+                )  # fmt: skip
+                await asyncio.sleep(wait)
+            try:
+                return await self._download(key, etag)
+            except ResourceNotFoundError as err:
+                raise self._not_found(name, err) from None
+            except (AzureError, aiohttp.ClientError, ConnectionError, TimeoutError) as err:
+                if not _is_transient(err):
+                    raise self._error(f"cannot read blob {name!r}", err) from None
+                last = err
+        assert last is not None
+        raise self._error(
+            f"cannot read blob {name!r} after {self.download_attempts} download attempts", last
+        )
+
+    async def _download(self, key: str, etag: str | None) -> tuple[bytes | None, str]:
+        blob = self._container_client().get_blob_client(key)
+        conditions: dict[str, Any] = {}
+        if etag:
+            conditions = {"etag": f'"{etag}"', "match_condition": MatchConditions.IfModified}
+        try:
+            downloader = await blob.download_blob(**conditions)
+        except HttpResponseError as err:
+            if err.status_code == _NOT_MODIFIED:  # the SDK raises ResourceModifiedError for it
+                return None, _bare_etag(etag)
+            raise
+        data = await downloader.readall()
+        return data, _bare_etag(downloader.properties.etag)
+
+    async def info(self, name: str) -> BlobInfo:
+        """The blob's name, size and ETag from one HEAD request; BlobNotFoundError when absent."""
+        key = blob_key(name)
+        blob = self._container_client().get_blob_client(key)
+        try:
+            properties = await blob.get_blob_properties()
+        except ResourceNotFoundError as err:
+            raise self._not_found(name, err) from None
+        except AzureError as err:
+            raise self._error(f"cannot read the properties of blob {name!r}", err) from None
+        return BlobInfo(name=key, size=properties.size, etag=_bare_etag(properties.etag))
+
+    async def write(self, name: str, data: bytes) -> None:
+        blob = self._container_client().get_blob_client(blob_key(name))
+        try:
+            await blob.upload_blob(data, overwrite=True)
+        except AzureError as err:
+            raise self._error(f"cannot write blob {name!r}", err) from None
+
+    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+        pages = self._container_client().list_blobs(name_starts_with=prefix or None)
+        try:
+            async for blob in pages:
+                yield BlobInfo(name=blob.name, size=blob.size, etag=_bare_etag(blob.etag))
+        except AzureError as err:
+            raise self._error(f"cannot list blobs starting with {prefix!r}", err) from None

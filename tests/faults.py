@@ -1,0 +1,168 @@
+"""Fault injection for network tests: a TCP proxy that can cut connections mid-response.
+
+``CuttingProxy`` listens on 127.0.0.1 (a free port), forwards every connection to a target
+``host:port`` and, when armed with :meth:`CuttingProxy.cut_next`, aborts the next connections
+after a given number of response bytes: the client has its headers (and part of the body) when
+the connection drops, like a network failure in the middle of a download. The proxy runs its
+own event loop in a thread, so code under test may use any loop (or none).
+
+    with CuttingProxy("127.0.0.1", 10000) as proxy:
+        proxy.cut_next(connections=2, after_bytes=1_000)
+        ...  # talk to http://127.0.0.1:{proxy.port}/...
+        assert proxy.cut == 2
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from types import TracebackType
+
+_CHUNK = 64 * 1024
+
+
+class CuttingProxy:
+    """A TCP forwarder to ``host:port`` that cuts armed connections after N response bytes.
+
+    Attributes (read them from the test's thread):
+        port: the proxy's own port on 127.0.0.1.
+        connections: connections accepted so far.
+        cut: connections cut so far.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = 0
+        self.connections = 0
+        self.cut = 0
+        self._cuts_left = 0
+        self._after_bytes = 0
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    # --- control, from the test's thread -------------------------------------------------------
+
+    def start(self) -> CuttingProxy:
+        """Start listening; returns the proxy (``port`` is set)."""
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(self._listen(), self._loop)
+        self._server = future.result(timeout=10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def cut_next(self, *, connections: int, after_bytes: int) -> None:
+        """Cut each of the next ``connections`` connections once ``after_bytes`` bytes of its
+        response have been forwarded (a response shorter than that passes whole but still
+        counts as one of them). ``connections=-1``: every connection from now on."""
+        with self._lock:
+            self._cuts_left, self._after_bytes = connections, after_bytes
+
+    def stop(self) -> None:
+        """Close the listener and every open connection, and end the thread."""
+        if not self._thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> CuttingProxy:
+        return self.start()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --- the proxy, in its own loop ------------------------------------------------------------
+
+    async def _listen(self) -> asyncio.Server:
+        return await asyncio.start_server(self._accept, "127.0.0.1", 0)
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    def _take_cut(self) -> int | None:
+        """The byte limit for a new connection, or None when it is not to be cut."""
+        with self._lock:
+            self.connections += 1
+            if self._cuts_left == 0:
+                return None
+            if self._cuts_left > 0:
+                self._cuts_left -= 1
+            return self._after_bytes
+
+    async def _accept(
+        self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await self._forward(client_in, client_out, self._take_cut())
+        finally:
+            self._handlers.discard(task)
+
+    async def _forward(
+        self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter, limit: int | None
+    ) -> None:
+        try:
+            server_in, server_out = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_out.transport.abort()
+            return
+        upload = asyncio.create_task(_pipe(client_in, server_out, None))
+        download = asyncio.create_task(_pipe(server_in, client_out, limit))
+        try:
+            await asyncio.wait({upload, download}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (upload, download):
+                task.cancel()
+            await asyncio.gather(upload, download, return_exceptions=True)
+            was_cut = (
+                download.done()
+                and not download.cancelled()
+                and download.exception() is None
+                and download.result()
+            )
+            if was_cut:
+                with self._lock:
+                    self.cut += 1
+                client_out.transport.abort()
+            else:
+                _close(client_out)
+            _close(server_out)
+
+
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: int | None
+) -> bool:
+    """Copy until EOF, or until ``limit`` bytes (then True: the caller cuts the connection)."""
+    sent = 0
+    while True:
+        chunk = await reader.read(_CHUNK)
+        if not chunk:
+            return False
+        if limit is not None and sent + len(chunk) >= limit:
+            writer.write(chunk[: limit - sent])
+            await writer.drain()
+            return True
+        writer.write(chunk)
+        await writer.drain()
+        sent += len(chunk)
+
+
+def _close(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):
+        writer.close()
