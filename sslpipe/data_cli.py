@@ -26,6 +26,7 @@ from typing import NoReturn
 
 from sslpipe.config import ConfigError, PipelineConfig, load_config
 from sslpipe.ingest import IngestError, ingest_folder
+from sslpipe.logs import log_to_stderr
 from sslpipe.stores import StoreError, open_blob_store, open_metadata_store
 from sslpipe.uris import redact_uri
 
@@ -107,6 +108,7 @@ COMMANDS = {"ingest": cmd_ingest, "install-udf": cmd_install_udf}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log_to_stderr()
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, IngestError) as err:

@@ -167,9 +167,11 @@ def _say_error(err: BaseException) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; prints its report as JSON and returns the exit code."""
     from sslpipe.labelstudio.client import LabelStudioError
+    from sslpipe.logs import log_to_stderr
     from sslpipe.stores.base import StoreError
 
     args = build_parser().parse_args(argv)
+    log_to_stderr()
     try:
         report = COMMANDS[args.command](args)
     # ConfigError, PushError, ModelReferenceError and a bad URL are ValueErrors.
