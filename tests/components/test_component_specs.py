@@ -28,7 +28,14 @@ from sslpipe.labelled import parse_split
 from sslpipe.moco.backbone import BACKBONES
 
 REPO = Path(__file__).resolve().parents[2]
-COMPONENTS = ("connect_db", "data_prep", "moco_train", "classifier_train", "evaluate")
+COMPONENTS = (
+    "connect_db",
+    "data_prep",
+    "moco_train",
+    "classifier_train",
+    "evaluate",
+    "sync_labels",
+)
 PLACEHOLDER = re.compile(r"\$\{\{(inputs|outputs)\.(\w+)\}\}")
 YAML_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string"}
 
