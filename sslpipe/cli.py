@@ -91,6 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not build the demo catalog when the metadata store is empty",
     )
+    schedules = parser.add_argument_group(
+        "schedules (Azure ML)", "retrain on a cron trigger; needs --backend azureml"
+    )
+    schedules.add_argument(
+        "--schedule",
+        metavar="CRON",
+        help="create or update a JobSchedule that submits this pipeline, e.g. '0 3 * * 1' "
+        "(Mondays 03:00); with --dry-run it is validated and written as YAML",
+    )
+    schedules.add_argument(
+        "--time-zone", default="UTC", help="Azure ML time zone of --schedule (default UTC)"
+    )
+    schedules.add_argument("--schedule-name", help="default: sslpipe-<pipeline>-retrain")
+    schedules.add_argument("--list-schedules", action="store_true", help="list and exit")
+    schedules.add_argument("--disable-schedule", metavar="NAME", help="disable and exit")
+    schedules.add_argument("--delete-schedule", metavar="NAME", help="delete and exit")
     parser.add_argument(
         "--resume",
         nargs="?",
@@ -235,6 +251,53 @@ def run_azureml(pipeline: str, config: PipelineConfig, args: argparse.Namespace)
     return 0
 
 
+def _schedule_action(args: argparse.Namespace) -> bool:
+    return bool(
+        args.schedule or args.list_schedules or args.disable_schedule or args.delete_schedule
+    )
+
+
+def run_schedules(
+    pipeline: str, config: PipelineConfig, args: argparse.Namespace, *, ml_client: Any = None
+) -> int:
+    """--schedule / --list-schedules / --disable-schedule / --delete-schedule on Azure ML."""
+    from pipelines import PIPELINES
+    from sslpipe import azureml, schedules
+
+    if (args.backend or config.backend) != "azureml":
+        raise ConfigError("schedules run on Azure ML: add --backend azureml")
+    request = None
+    if args.schedule:
+        name = args.schedule_name or f"sslpipe-{pipeline}-retrain"
+        request = schedules.ScheduleRequest(name, args.schedule, args.time_zone).validated()
+        job = azureml.prepare_job(PIPELINES[pipeline](config), config)
+        problems = azureml.validate_offline(job, config, submit=not args.dry_run)
+        if problems:
+            raise azureml.AzureMLError(problems)
+        schedule = schedules.build_schedule(job, request, pipeline=pipeline)
+        if args.dry_run:
+            path = azureml.output_dir(config) / f"{request.name}.schedule.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)  # dump refuses to overwrite
+            schedule.dump(path)
+            _echo(f"[sslpipe] schedule validated and written to {path}")
+            return 0
+    client = ml_client if ml_client is not None else azureml._ml_client(config)
+    if request is not None:
+        schedules.create_or_update(client, schedule, echo=_echo)
+    if args.disable_schedule:
+        schedules.disable(client, args.disable_schedule)
+        _echo(f"[sslpipe] schedule {args.disable_schedule} disabled")
+    if args.delete_schedule:
+        schedules.delete(client, args.delete_schedule)
+        _echo(f"[sslpipe] schedule {args.delete_schedule} deleted")
+    if args.list_schedules:
+        for row in schedules.list_schedules(client):
+            state = "enabled" if row["enabled"] else "disabled"
+            _echo(f"{row['name']}  '{row['cron']}'  {row['time_zone']}  {state}")
+    return 0
+
+
 def _print_plan_step(step: dict[str, Any]) -> None:
     _echo(f"step {step.get('name')}: {'reuse' if step.get('would_reuse') else 'run'}")
     for key, value in sorted((step.get("parameters") or {}).items()):
@@ -266,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.overrides)
     try:
         config = load_config(args.config, overrides)
+        if _schedule_action(args):
+            return run_schedules(args.pipeline, config, args)
         if (args.backend or config.backend) == "azureml":
             return run_azureml(args.pipeline, config, args)
         return run_local(args.pipeline, config, args)
