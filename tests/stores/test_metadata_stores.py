@@ -1,13 +1,15 @@
 """One suite for every metadata store implementation, checked against a reference filter.
 
 To add an implementation, append one ``pytest.param(factory, id=...)`` to
-``METADATA_STORE_FACTORIES``: a factory takes an empty folder and returns an empty store.
+``METADATA_STORE_FACTORIES``: a factory takes an empty folder and the test's request (to ask
+for a server fixture such as ``cosmos_server``) and returns an empty store.
 """
 
 from __future__ import annotations
 
 import random
 import sqlite3
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,22 +21,55 @@ from sslpipe.stores import StoreError, open_metadata_store
 from sslpipe.stores.base import MetadataStore, UpsertReport
 from sslpipe.stores.sqlite import SQLiteMetadataStore, compile_filter
 
-MetadataStoreFactory = Callable[[Path], MetadataStore]
+MetadataStoreFactory = Callable[[Path, pytest.FixtureRequest], MetadataStore]
 
 
-def _sqlite_store(folder: Path) -> MetadataStore:
+def _sqlite_store(folder: Path, request: pytest.FixtureRequest) -> MetadataStore:
     return SQLiteMetadataStore(folder / "metadata.db")
+
+
+def _cosmos_store(
+    folder: Path, request: pytest.FixtureRequest, *, udf: bool = False
+) -> MetadataStore:
+    """An empty container of its own on the local Cosmos-compatible server."""
+    from sslpipe.stores.cosmos import CosmosMetadataStore, install_udf
+
+    server = request.getfixturevalue("cosmos_server")
+    database = request.getfixturevalue("cosmos_suite_database")
+    store = CosmosMetadataStore(
+        server["endpoint"], database, f"c-{uuid.uuid4().hex[:10]}", credential=server["key"],
+        use_udf=udf,
+    )  # fmt: skip
+    if udf:
+        install_udf(store)
+    return store
+
+
+def _cosmos_udf_store(folder: Path, request: pytest.FixtureRequest) -> MetadataStore:
+    return _cosmos_store(folder, request, udf=True)
 
 
 METADATA_STORE_FACTORIES = [
     pytest.param(_sqlite_store, id="sqlite"),
-    # pytest.param(_cosmos_store, id="cosmos"),  # e.g. against the emulator, when available
+    pytest.param(_cosmos_store, id="cosmos", marks=pytest.mark.servers),
+    pytest.param(_cosmos_udf_store, id="cosmos-udf", marks=pytest.mark.servers),
 ]
+
+
+@pytest.fixture(scope="module")
+def cosmos_suite_database(cosmos_server: dict[str, str]) -> Iterator[str]:
+    """A Cosmos database for this module's containers, deleted at its end."""
+    from azure.cosmos import CosmosClient
+
+    name = f"test-suite-{uuid.uuid4().hex[:8]}"
+    yield name
+    with CosmosClient(cosmos_server["endpoint"], cosmos_server["key"]) as client:
+        client.delete_database(name)
 
 
 @pytest.fixture(params=METADATA_STORE_FACTORIES)
 def metadata_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MetadataStore]:
-    store = request.param(tmp_path)
+    store = request.param(tmp_path, request)
     yield store
     store.close()
 

@@ -1,0 +1,728 @@
+"""The Azure Cosmos DB metadata store: one JSON document per image, selected with Cosmos SQL.
+
+``cosmos://<host>[:port]/<database>/<container>[?filter=udf]`` opens it. The key comes from
+``SSLPIPE_COSMOS_KEY``; without it ``DefaultAzureCredential`` is used (the managed identity on
+Azure ML). TLS certificates are verified for every host except the loopback names
+(127.0.0.1, ::1, localhost), where the local emulator serves a self-signed certificate.
+
+Filters compile to Cosmos SQL whose values travel only as query parameters
+(:func:`compile_filter`), with the SQLite store's semantics and its leniency about mistyped
+fields:
+
+- a taxonomy path (a non-empty list of strings in an object of ``labels_with_taxonomy``)
+  matches a prefix when its first ``len(prefix)`` levels equal it; exclude wins. Each needed
+  prefix length n gives every path's "head" ``ARRAY_SLICE(p, 0, n)``, so a prefix list is one
+  ``ARRAY_CONTAINS(@prefixes, head)``;
+- ``n_annotators`` is the number of distinct annotator ids compared by their text as Python's
+  ``str`` writes them (``701`` and ``"701"`` are one annotator; missing and null are one);
+- with ``?filter=udf`` the label part calls the seed's UDF ``filterDocumentsByLabels``
+  (:mod:`sslpipe.stores.cosmos_udf`); the other conditions stay SQL.
+
+``select`` pages through the matching ids, sorts them in Python (code point order, as SQLite's
+BINARY collation) and applies ``limit``, then reads the documents in chunks of ids: memory holds
+ids, not documents. A document changed between the two steps is returned as it is then.
+
+The Cosmos-compatible test server (npm ``@vercel/cosmosdb-server`` 1.0.1, whose SQL engine is
+``@zeit/cosmosdb-query`` 0.7.2) shaped the query; everything used is standard Cosmos SQL:
+
+- its parser backtracks exponentially with expression nesting: each level of parentheses or
+  function call costs about 6x; depth 6 takes over 10 s and depth 10 hangs the (single-threaded)
+  server. Hence the derived arrays in JOINs (``JOIN (SELECT VALUE ARRAY(...)) AS paths``, one
+  row per document) and a WHERE clause that tests them shallowly: the query stays at paren
+  depth 3 (a test guards it) and parses in under a second;
+- ``x IN expr`` over a value that is not an array (a string, a number, an object) crashes the
+  whole query, and ``AND`` evaluates both sides, so iteration is only over arrays built by
+  ``IS_ARRAY(v) ? v : []`` or filtered with ``IS_ARRAY``;
+- no ``DISTINCT``, no ``GROUP BY``, no ``OFFSET ... LIMIT``: distinct annotators are counted as
+  the sum of 1 / multiplicity (compared with ``> n - 0.5``), ``limit`` is applied client-side;
+- ``ORDER BY`` compares strings by UTF-16 code units (unlike SQLite beyond the Basic
+  Multilingual Plane): ids are ordered client-side;
+- it ignores the key (any key is accepted), and numbers are JavaScript numbers: an annotator id
+  ``701.0`` reads back as ``701`` (one annotator with ``701``, unlike SQLite's "701.0");
+- the SDK itself never verifies certificates of "localhost" and "127.0.0.1".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import parse_qs, unquote, urlparse
+
+from azure.core.exceptions import AzureError
+from azure.cosmos import ContainerProxy, CosmosClient, PartitionKey
+from azure.cosmos.exceptions import (
+    CosmosHttpResponseError,
+    CosmosResourceExistsError,
+    CosmosResourceNotFoundError,
+)
+
+from sslpipe.filters import ImageFilter, TaxonomyPath
+from sslpipe.stores.base import MetadataStore, StoreError, UpsertReport
+from sslpipe.stores.cosmos_udf import UDF_BODY, UDF_ID
+from sslpipe.uris import redact_uri
+
+if TYPE_CHECKING:
+    from azure.core.credentials import TokenCredential
+
+    Credential = str | TokenCredential
+
+log = logging.getLogger(__name__)
+
+KEY_ENV = "SSLPIPE_COSMOS_KEY"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+SYSTEM_FIELDS = ("_rid", "_self", "_etag", "_attachments", "_ts")
+PARTITION_KEY_PATH = "/id"
+FILTER_MODES = ("sql", "udf")
+URI_FORM = "cosmos://<host>[:port]/<database>/<container>[?filter=udf]"
+
+# Documents per read query (ids travel in one ARRAY_CONTAINS parameter) and per id page.
+_CHUNK = 100
+_ID_PAGE = 1000
+
+_T = TypeVar("_T")
+
+# Unverified HTTPS is deliberate for the loopback emulator only; urllib3 would warn per request.
+warnings.filterwarnings(
+    "ignore",
+    message=r"Unverified HTTPS request is being made to host '(127\.0\.0\.1|::1|localhost)'",
+)
+
+# --- URIs and TLS ----------------------------------------------------------------------------
+
+
+def verify_tls_for(host: str) -> bool:
+    """Whether to verify the server's certificate: False only for the loopback names."""
+    return host.strip("[]").lower() not in LOOPBACK_HOSTS
+
+
+@dataclass(frozen=True)
+class CosmosLocation:
+    """Where a Cosmos DB container is, parsed from a ``cosmos://`` URI."""
+
+    endpoint: str
+    database: str
+    container: str
+    use_udf: bool = False
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.endpoint).hostname or ""
+
+    @property
+    def verify_tls(self) -> bool:
+        return verify_tls_for(self.host)
+
+    @property
+    def uri(self) -> str:
+        """The store's URI without credentials."""
+        netloc = urlparse(self.endpoint).netloc
+        query = "?filter=udf" if self.use_udf else ""
+        return f"cosmos://{netloc}/{self.database}/{self.container}{query}"
+
+
+def _uri_error(uri: str, reason: str) -> StoreError:
+    return StoreError(f"invalid Cosmos DB URI {redact_uri(uri)!r}: {reason}; expected {URI_FORM}")
+
+
+def _filter_mode(uri: str, query: str) -> bool:
+    """True for ``?filter=udf``; raises StoreError for any other query parameter."""
+    fields = parse_qs(query, keep_blank_values=True)
+    unknown = sorted(set(fields) - {"filter"})
+    if unknown:
+        raise _uri_error(uri, f"unknown query parameter(s) {', '.join(unknown)}")
+    modes = fields.get("filter", ["sql"])
+    if len(modes) != 1 or modes[0] not in FILTER_MODES:
+        raise _uri_error(uri, f"filter must be one of {FILTER_MODES}")
+    return modes[0] == "udf"
+
+
+def parse_cosmos_uri(uri: str) -> CosmosLocation:
+    """``cosmos://host[:port]/db/container[?filter=udf]`` -> its CosmosLocation.
+
+    Raises:
+        StoreError: for another scheme, a missing host, database or container, credentials in
+            the URI, or an unknown query parameter. The message never repeats a secret.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme != "cosmos":
+        raise _uri_error(uri, f"the scheme is {parsed.scheme!r}, not 'cosmos'")
+    if "@" in parsed.netloc:
+        raise _uri_error(
+            uri, f"credentials do not belong in the URI; set {KEY_ENV} or use an Azure identity"
+        )
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError as err:
+        raise _uri_error(uri, f"bad port ({err})") from None
+    if not host:
+        raise _uri_error(uri, "no host")
+    names = [unquote(part) for part in parsed.path.split("/")[1:]]
+    if len(names) != 2 or not all(name.strip() for name in names):
+        raise _uri_error(uri, "the path must name exactly a database and a container")
+    use_udf = _filter_mode(uri, parsed.query)
+    netloc = f"[{host}]" if ":" in host else host
+    endpoint = f"https://{netloc}{f':{port}' if port else ''}/"
+    return CosmosLocation(endpoint, names[0], names[1], use_udf)
+
+
+# --- filters -> Cosmos SQL ---------------------------------------------------------------------
+
+_LABELS = "c.labels_with_taxonomy"
+
+# Derived arrays, one JOIN each. Every JOIN yields exactly one (always defined) value per
+# document, so it adds no rows; the WHERE clause then tests shallow expressions only.
+_JOIN_LABELS = f"JOIN (SELECT VALUE IS_ARRAY({_LABELS}) ? {_LABELS} : []) AS labels"
+# Annotator ids as Python's str() writes them: missing and null are "None", true is "True".
+_JOIN_ANNOTATORS = (
+    "JOIN (SELECT VALUE ARRAY(SELECT VALUE IS_NULL(a.annotator_id) ? @annotator_none"
+    " : a.annotator_id = true ? @annotator_true : a.annotator_id = false ? @annotator_false"
+    " : ToString(a.annotator_id) ?? @annotator_none FROM a IN labels WHERE IS_OBJECT(a)))"
+    " AS annotators"
+)
+_JOINS_PATHS = (
+    "JOIN (SELECT VALUE ARRAY(SELECT VALUE a.taxonomy FROM a IN labels"
+    " WHERE IS_OBJECT(a) AND IS_ARRAY(a.taxonomy))) AS taxonomies",
+    "JOIN (SELECT VALUE ARRAY(SELECT VALUE p FROM t IN taxonomies JOIN p IN t"
+    " WHERE IS_ARRAY(p))) AS candidates",
+    # Candidate paths with a level that is not text are no paths (as in SQLite).
+    "JOIN (SELECT VALUE ARRAY(SELECT VALUE p FROM p IN candidates JOIN s IN p"
+    " WHERE NOT IS_STRING(s))) AS mixed",
+    "JOIN (SELECT VALUE ARRAY(SELECT VALUE p FROM p IN candidates"
+    " WHERE NOT ARRAY_CONTAINS(mixed, p))) AS paths",
+)
+# sum over annotators of 1 / (number of annotators with the same id) = distinct ids.
+_N_ANNOTATORS = (
+    "(SELECT VALUE SUM(1.0 / m) FROM k IN annotators"
+    " JOIN (SELECT VALUE COUNT(1) FROM j IN annotators WHERE j = k) AS m)"
+)
+
+
+class _Parameters:
+    """Named query parameters; values never enter the query text."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+
+    def add(self, name: str, value: Any) -> str:
+        """Register ``value`` under ``@name`` and return the placeholder."""
+        placeholder = f"@{name}"
+        self.items.append({"name": placeholder, "value": value})
+        return placeholder
+
+
+def _annotator_joins(params: _Parameters) -> list[str]:
+    """JOINs defining ``annotators``: one id text per annotation object."""
+    params.add("annotator_none", "None")
+    params.add("annotator_true", "True")
+    params.add("annotator_false", "False")
+    return [_JOIN_ANNOTATORS]
+
+
+def _heads_joins(prefixes: list[TaxonomyPath], params: _Parameters) -> list[str]:
+    """JOINs defining ``heads``: the first n levels of every path, for each prefix length n.
+
+    A path starts with prefix q exactly when its head of length len(q) equals q, so a
+    prefix filter is one ARRAY_CONTAINS over ``heads``.
+    """
+    joins = list(_JOINS_PATHS)
+    lengths = sorted({len(prefix) for prefix in prefixes})
+    for index, length in enumerate(lengths):
+        levels = params.add(f"levels_{index}", length)
+        joins.append(
+            f"JOIN (SELECT VALUE ARRAY(SELECT VALUE ARRAY_SLICE(p, 0, {levels}) FROM p IN paths))"
+            f" AS heads_{index}"
+        )
+    parts = ", ".join(f"heads_{index}" for index in range(len(lengths)))
+    joins.append(
+        f"JOIN (SELECT VALUE {f'ARRAY_CONCAT({parts})' if len(lengths) > 1 else parts}) AS heads"
+    )
+    return joins
+
+
+def _head_test(name: str, prefixes: list[TaxonomyPath], params: _Parameters) -> str:
+    values = params.add(name, [list(prefix) for prefix in prefixes])
+    return f"EXISTS(SELECT VALUE 1 FROM h IN heads WHERE ARRAY_CONTAINS({values}, h))"
+
+
+def _label_sql(image_filter: ImageFilter, params: _Parameters) -> tuple[list[str], list[str]]:
+    """JOINs and conditions for the label prefixes in plain SQL."""
+    include, exclude = image_filter.include_labels, image_filter.exclude_labels
+    if not include and not exclude:
+        return [], []
+    joins = _heads_joins([*include, *exclude], params)
+    where = []
+    if include:
+        where.append(_head_test("include_labels", include, params))
+    if exclude:
+        where.append(f"NOT {_head_test('exclude_labels', exclude, params)}")
+    return joins, where
+
+
+def _label_udf(image_filter: ImageFilter, params: _Parameters) -> list[str]:
+    """The label conditions through the UDF: it returns the included paths, [] if excluded."""
+    include = [list(p) for p in image_filter.include_labels]
+    exclude = [list(p) for p in image_filter.exclude_labels]
+    if include:
+        wanted, unwanted = (
+            params.add("include_labels", include),
+            params.add("exclude_labels", exclude),
+        )
+        return [f"ARRAY_LENGTH(udf.{UDF_ID}(c.id, {_LABELS}, {wanted}, {unwanted})) > 0"]
+    if exclude:
+        # The paths that match an exclude prefix: the UDF called with them as includes.
+        wanted, unwanted = params.add("exclude_labels", exclude), params.add("no_labels", [])
+        return [f"ARRAY_LENGTH(udf.{UDF_ID}(c.id, {_LABELS}, {wanted}, {unwanted})) = 0"]
+    return []
+
+
+def _field_conditions(image_filter: ImageFilter, params: _Parameters) -> list[str]:
+    """Conditions on the document's own fields, lenient like SQLite about wrong types."""
+    where = []
+    if image_filter.exclude_blurred:
+        # Missing or mistyped is_blurred is not "known blurred".
+        where.append("NOT (IS_BOOL(c.is_blurred) AND c.is_blurred)")
+    if image_filter.sortout is not None:
+        where.append(f"ARRAY_CONTAINS({params.add('sortout', image_filter.sortout)}, c.sortout)")
+    if image_filter.require_review:
+        where.append("c.has_review = true")
+    return where
+
+
+def _annotator_conditions(image_filter: ImageFilter, params: _Parameters) -> list[str]:
+    where = []
+    if image_filter.labelled != "any":
+        where.append(
+            f"ARRAY_LENGTH(annotators) {'>' if image_filter.labelled == 'labelled' else '='} 0"
+        )
+    if image_filter.min_annotators > 0:
+        minimum = params.add("min_annotators", image_filter.min_annotators)
+        where.append(f"{_N_ANNOTATORS} > {minimum} - 0.5")  # the sum is a float
+    return where
+
+
+def compile_filter(
+    image_filter: ImageFilter, *, use_udf: bool = False
+) -> tuple[str, list[dict[str, Any]]]:
+    """The Cosmos SQL selecting the ids of matching documents, and its parameters.
+
+    Returns ``(query_text, [{"name": "@...", "value": ...}, ...])``; no filter value is ever
+    part of the text. ``limit`` and the id order are applied by the caller (see the module
+    docstring). With ``use_udf`` the label prefixes go to ``udf.filterDocumentsByLabels``.
+    """
+    params = _Parameters()
+    joins: list[str] = []
+    where = _field_conditions(image_filter, params)
+    annotator_where = _annotator_conditions(image_filter, params)
+    label_joins, label_where = (
+        ([], _label_udf(image_filter, params)) if use_udf else _label_sql(image_filter, params)
+    )
+    if annotator_where or label_joins:
+        joins.append(_JOIN_LABELS)
+    if annotator_where:
+        joins.extend(_annotator_joins(params))
+    joins.extend(label_joins)
+    query = " ".join(["SELECT VALUE c.id FROM c", *joins])
+    conditions = [*where, *annotator_where, *label_where]
+    if conditions:
+        query += " WHERE " + " AND ".join(conditions)
+    return query, params.items
+
+
+# --- documents ---------------------------------------------------------------------------------
+
+
+def strip_system_fields(document: dict[str, Any]) -> dict[str, Any]:
+    """The document without Cosmos DB's system properties (``_rid``, ``_etag``, ...)."""
+    return {k: v for k, v in document.items() if k not in SYSTEM_FIELDS}
+
+
+def _normalized(value: Any) -> Any:
+    """JSON value as the server keeps it: tuples are lists, integral floats are integers."""
+    if isinstance(value, dict):
+        return {k: _normalized(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_normalized(v) for v in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
+
+
+def _canonical(document: dict[str, Any]) -> str:
+    """Canonical text of a document for change detection (key order ignored)."""
+    return json.dumps(_normalized(document), sort_keys=True, ensure_ascii=False)
+
+
+def _document_id(document: Any) -> str:
+    """The document's id; raises ValueError (like the SQLite store) when it is not text."""
+    doc_id = document.get("id") if isinstance(document, dict) else None
+    if not isinstance(doc_id, str) or not doc_id:
+        raise ValueError(f"cannot store a document without a string 'id': {document!r:.200}")
+    return doc_id
+
+
+def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """The SDK's retry options. 429 responses are retried after the server's retry-after
+    (at most ``total`` times, waiting at most ``backoff_max_s`` in all); 503 and connection
+    errors (refused, reset) up to ``connect`` / ``read`` times. Defaults are the SDK's."""
+
+    total: int = 9
+    backoff_max_s: int = 30
+    connect: int = 3
+    read: int = 3
+    backoff_factor: float = 1.0
+
+    def client_kwargs(self) -> dict[str, Any]:
+        return {
+            "retry_total": self.total,
+            "retry_backoff_max": self.backoff_max_s,
+            "retry_connect": self.connect,
+            "retry_read": self.read,
+            "retry_backoff_factor": self.backoff_factor,
+            # Upserts are idempotent, so a write whose response was lost may be sent again.
+            "retry_write": self.connect,
+        }
+
+
+_STATUS_HINTS = {
+    401: f"the key or identity was refused: check {KEY_ENV} or the identity's role",
+    403: "forbidden: the identity needs a Cosmos DB data-plane role on this account",
+    429: "request rate too large after the retries: raise the RU/s or retry later",
+    503: "service unavailable after the retries: retry later",
+}
+
+
+def _reason(err: Exception) -> str:
+    """A one-line reason for an SDK error (status code, hint and the server's first line)."""
+    if isinstance(err, CosmosHttpResponseError):
+        lines = str(err.message or err.reason or "").strip().splitlines()
+        first = next((line for line in lines if line.strip()), "no message").strip()[:300]
+        hint = _STATUS_HINTS.get(err.status_code or 0)
+        return f"HTTP {err.status_code}{f', {hint}' if hint else ''}: {first}"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {(text[0] if text else 'no message')[:300]}"
+
+
+class CosmosMetadataStore(MetadataStore):
+    """Metadata documents in one Cosmos DB container, partitioned by ``/id``.
+
+    Args:
+        endpoint: ``https://host[:port]/`` of the account.
+        database, container: created when missing (``create=True``) where permitted.
+        credential: the account key, or an Azure identity credential.
+        use_udf: evaluate label include/exclude with ``udf.filterDocumentsByLabels``.
+        verify_tls: None applies the rule of :func:`verify_tls_for` (off only for loopback).
+        retry: the SDK's retry options.
+        write_concurrency: upserts in flight at once.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        database: str,
+        container: str,
+        *,
+        credential: Credential,
+        use_udf: bool = False,
+        verify_tls: bool | None = None,
+        create: bool = True,
+        retry: RetrySettings | None = None,
+        write_concurrency: int = 8,
+    ) -> None:
+        if write_concurrency < 1:
+            raise ValueError(f"write_concurrency must be >= 1, got {write_concurrency}")
+        self.location = CosmosLocation(endpoint, database, container, use_udf)
+        self.uri = redact_uri(self.location.uri)
+        self.use_udf = use_udf
+        self.verify_tls = self.location.verify_tls if verify_tls is None else verify_tls
+        self._secret = credential if isinstance(credential, str) else None
+        self._write_concurrency = write_concurrency
+        self._udf_checked = False
+        transport = {} if self.verify_tls else {"transport": _unverified_transport()}
+        self._client = self._call(
+            "connect",
+            lambda: CosmosClient(
+                endpoint,
+                credential=credential,
+                connection_verify=self.verify_tls,
+                **transport,
+                **(retry or RetrySettings()).client_kwargs(),
+            ),
+        )
+        self._container = self._open(create)
+        log.debug("opened the Cosmos DB metadata store %s", self.uri)
+
+    @classmethod
+    def from_uri(
+        cls,
+        uri: str,
+        *,
+        credential: Credential | None = None,
+        create: bool = True,
+        retry: RetrySettings | None = None,
+    ) -> CosmosMetadataStore:
+        """Open ``cosmos://host[:port]/database/container[?filter=udf]``.
+
+        The credential defaults to the key in ``SSLPIPE_COSMOS_KEY``, else
+        ``DefaultAzureCredential()``. Raises StoreError for a bad URI or an unreachable store.
+        """
+        location = parse_cosmos_uri(uri)
+        if credential is None:
+            credential = os.environ.get(KEY_ENV) or _default_credential()
+        return cls(
+            location.endpoint,
+            location.database,
+            location.container,
+            credential=credential,
+            use_udf=location.use_udf,
+            create=create,
+            retry=retry,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+    # --- errors and calls ---
+
+    def _error(self, operation: str, err: Exception) -> StoreError:
+        """A StoreError naming the endpoint, container and operation; the key scrubbed."""
+        loc = self.location
+        message = (
+            f"Cosmos DB {loc.endpoint} database {loc.database!r} container "
+            f"{loc.container!r}: {operation} failed ({_reason(err)})"
+        )
+        if self._secret:
+            message = message.replace(self._secret, "***")
+        return StoreError(message)
+
+    def _call(self, operation: str, call: Callable[[], _T]) -> _T:
+        """``call()``, its SDK errors (after the SDK's retries) raised as StoreError."""
+        try:
+            return call()
+        except (AzureError, OSError) as err:
+            raise self._error(operation, err) from None
+
+    def _call_or_none(self, operation: str, call: Callable[[], _T]) -> _T | None:
+        """``call()``, or None when the resource does not exist (HTTP 404)."""
+        try:
+            return call()
+        except CosmosResourceNotFoundError:
+            return None
+        except (AzureError, OSError) as err:
+            raise self._error(operation, err) from None
+
+    def _open(self, create: bool) -> ContainerProxy:
+        """The container, with the database and container created when missing."""
+        loc = self.location
+        database = self._client.get_database_client(loc.database)
+        if self._call_or_none(f"read database {loc.database!r}", database.read) is None:
+            self._create(
+                f"database {loc.database!r}",
+                create,
+                lambda: self._client.create_database(loc.database),
+            )
+        container = database.get_container_client(loc.container)
+        if self._call_or_none(f"read container {loc.container!r}", container.read) is None:
+            self._create(
+                f"container {loc.container!r}",
+                create,
+                lambda: database.create_container(
+                    loc.container, PartitionKey(path=PARTITION_KEY_PATH)
+                ),
+            )
+        return container
+
+    def _create(self, what: str, create: bool, call: Callable[[], Any]) -> None:
+        """Create a missing database or container, or explain how to get one."""
+        hint = (
+            f"create it (container partition key {PARTITION_KEY_PATH}) with the Azure portal, "
+            "CLI or Bicep, or use an identity that may create it"
+        )
+        if not create:
+            raise self._error(f"open {what}", LookupError(f"{what} does not exist; {hint}"))
+        try:
+            call()
+        except CosmosResourceExistsError:  # created meanwhile by someone else
+            return
+        except (AzureError, OSError) as err:
+            message = f"{self._error(f'create {what}', err)}; it does not exist: {hint}"
+            raise StoreError(message) from None
+
+    def _query(
+        self, operation: str, query: str, parameters: list[dict[str, Any]], page_size: int
+    ) -> Iterator[Any]:
+        """Results of a cross-partition query, fetched page by page."""
+        pages = self._call(
+            operation,
+            lambda: self._container.query_items(
+                query,
+                parameters=parameters,
+                enable_cross_partition_query=True,
+                max_item_count=page_size,
+            ).by_page(),
+        )
+        while (page := self._call(operation, lambda: _next_page(pages))) is not None:
+            yield from page
+
+    # --- the interface ---
+
+    def count(self) -> int:
+        counts = self._query("count documents", "SELECT VALUE COUNT(1) FROM c", [], _ID_PAGE)
+        return int(sum(counts))
+
+    def get(self, doc_id: str) -> dict[str, Any] | None:
+        query = "SELECT * FROM c WHERE c.id = @id"
+        params = [{"name": "@id", "value": doc_id}]
+        for document in self._query(f"read document {doc_id!r}", query, params, 1):
+            return strip_system_fields(document)
+        return None
+
+    def select(self, image_filter: ImageFilter) -> Iterator[dict[str, Any]]:
+        if self.use_udf and (image_filter.include_labels or image_filter.exclude_labels):
+            self._check_udf()
+        query, params = compile_filter(image_filter, use_udf=self.use_udf)
+        ids = sorted(set(self._query("select document ids", query, params, _ID_PAGE)))
+        if image_filter.limit is not None:
+            ids = ids[: image_filter.limit]
+        for chunk in _chunks(ids, _CHUNK):
+            found = self._read_chunk(chunk)
+            yield from (found[doc_id] for doc_id in chunk if doc_id in found)
+
+    def _read_chunk(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The stored documents with these ids (system fields stripped), by id."""
+        query = "SELECT * FROM c WHERE ARRAY_CONTAINS(@ids, c.id)"
+        params = [{"name": "@ids", "value": ids}]
+        found = self._query(
+            f"read {len(ids)} documents from id {ids[0]!r}", query, params, len(ids)
+        )
+        return {doc["id"]: strip_system_fields(doc) for doc in found}
+
+    def upsert(self, documents: Iterable[dict[str, Any]]) -> UpsertReport:
+        created = updated = unchanged = 0
+        with ThreadPoolExecutor(self._write_concurrency, "cosmos-upsert") as pool:
+            for chunk in _chunks(documents, _CHUNK):
+                checked = [(_document_id(doc), doc) for doc in chunk]
+                stored = self._read_chunk(sorted({i for i, _ in checked}))
+                texts = {doc_id: _canonical(doc) for doc_id, doc in stored.items()}
+                changed: dict[str, dict[str, Any]] = {}
+                for doc_id, doc in checked:  # in order, as SQLite counts repeated ids
+                    text = _canonical(doc)
+                    if texts.get(doc_id) == text:
+                        unchanged += 1
+                        continue
+                    created, updated = (
+                        (created + 1, updated) if doc_id not in texts else (created, updated + 1)
+                    )
+                    texts[doc_id], changed[doc_id] = text, doc
+                list(pool.map(self._write, changed.values()))
+        return UpsertReport(created=created, updated=updated, unchanged=unchanged)
+
+    def _write(self, document: dict[str, Any]) -> None:
+        self._call(
+            f"upsert document {document['id']!r}", lambda: self._container.upsert_item(document)
+        )
+
+    def _check_udf(self) -> None:
+        """Fail clearly when the UDF is missing; warn when it is not this version's."""
+        if self._udf_checked:
+            return
+        body = _deployed_udf_body(self)
+        if body is None:
+            raise StoreError(
+                f"the Cosmos DB container {self.uri} has no user-defined function {UDF_ID!r}, "
+                "which ?filter=udf needs; run `python -m sslpipe install-udf` (install_udf)"
+            )
+        if body != UDF_BODY:
+            log.warning(
+                "the UDF %s in %s differs from this version's; its results may differ "
+                "(run install-udf to replace it)",
+                UDF_ID,
+                self.uri,
+            )
+        self._udf_checked = True
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _unverified_transport() -> Any:
+    """An HTTP transport that does not verify certificates, with one reused TLS context.
+
+    The emulator closes the connection after every response; without a shared context each
+    new connection would load the system CA bundle again (about 40 ms per request here).
+    """
+    import requests
+    from azure.core.pipeline.transport import RequestsTransport
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+
+    class _Adapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs, ssl_context=context)
+
+    session = requests.Session()
+    session.mount("https://", _Adapter())
+    return RequestsTransport(session=session, session_owner=True)
+
+
+def _next_page(pages: Iterator[Iterable[Any]]) -> list[Any] | None:
+    """The next page of a query as a list, or None after the last one."""
+    page = next(pages, None)
+    return None if page is None else list(page)
+
+
+def _default_credential() -> TokenCredential:
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential()
+
+
+def _deployed_udf_body(store: CosmosMetadataStore) -> str | None:
+    """The body of the deployed ``filterDocumentsByLabels``, or None when there is none."""
+    scripts = store._container.scripts
+    udf = store._call_or_none(
+        f"read UDF {UDF_ID!r}", lambda: scripts.get_user_defined_function(UDF_ID)
+    )
+    return None if udf is None else str(udf.get("body", ""))
+
+
+def install_udf(store: CosmosMetadataStore) -> Literal["created", "updated", "unchanged"]:
+    """Create or replace ``udf.filterDocumentsByLabels`` in the store's container.
+
+    Returns what happened: "created", "updated" (another body was replaced) or "unchanged".
+    """
+    scripts = store._container.scripts
+    definition = {"id": UDF_ID, "body": UDF_BODY}
+    body = _deployed_udf_body(store)
+    store._udf_checked = False
+    if body == UDF_BODY:
+        return "unchanged"
+    if body is None:
+        store._call(
+            f"create UDF {UDF_ID!r}", lambda: scripts.create_user_defined_function(definition)
+        )
+        return "created"
+    store._call(
+        f"replace UDF {UDF_ID!r}",
+        lambda: scripts.replace_user_defined_function(UDF_ID, definition),
+    )
+    return "updated"
