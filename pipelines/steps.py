@@ -6,6 +6,9 @@ has the same name (and log prefix) in every pipeline that uses it.
 
 from typing import Any
 
+from azure.ai.ml import PyTorchDistribution
+from azure.ai.ml.entities import JobResourceConfiguration
+
 from pipelines.components import component
 from sslpipe.config import ClassifierConfig, PipelineConfig
 
@@ -81,8 +84,16 @@ def train_and_evaluate(
 
 
 def moco_training(config: PipelineConfig, *, data: Any) -> Any:
-    """moco_train on a data_prep output; returns the node (its output ``model``)."""
-    node = component("moco_train")(data=data, **config.moco.model_dump(mode="json"))
+    """moco_train on a data_prep output; returns the node (its output ``model``).
+
+    The node runs ``moco.processes_per_node`` processes on each of ``moco.nodes`` machines
+    (PyTorch distribution): Azure ML starts them itself, the local executor with torchrun.
+    The same two values are also inputs of the step, which checks them against WORLD_SIZE.
+    """
+    moco = config.moco
+    node = component("moco_train")(data=data, **moco.model_dump(mode="json"))
+    node.distribution = PyTorchDistribution(process_count_per_instance=moco.processes_per_node)
+    node.resources = JobResourceConfiguration(instance_count=moco.nodes)
     return _named(node, "moco_train")
 
 

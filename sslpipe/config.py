@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from sslpipe.architectures import BACKBONES
 from sslpipe.filters import ImageFilter
@@ -67,6 +74,14 @@ class MocoConfig(_Section):
     seed: int = 0
     knn_k: int = Field(20, ge=1, description="neighbours of the kNN monitor")
     model_name: str = Field("moco-backbone", min_length=1, description="registered model name")
+    # Distributed data-parallel training (sslpipe.distributed). batch_size is per process: the
+    # global batch, which the queue receives at every step, is batch_size x nodes x
+    # processes_per_node. A str rather than a Literal, like backbone, to mirror the component.
+    bn: str = Field("shuffle", description="under DDP: shuffle-BN, sync (SyncBatchNorm) or none")
+    nodes: int = Field(1, ge=1, description="machines (Azure ML resources.instance_count)")
+    processes_per_node: int = Field(
+        1, ge=1, description="training processes per machine (one per GPU); >1 runs torchrun"
+    )
 
     @field_validator("backbone")
     @classmethod
@@ -75,6 +90,35 @@ class MocoConfig(_Section):
         if value not in BACKBONES:
             raise ValueError(f"unknown backbone {value!r}; expected one of {BACKBONES}")
         return value
+
+    @field_validator("bn")
+    @classmethod
+    def _known_bn(cls, value: str) -> str:
+        if value not in MOCO_BN_MODES:
+            raise ValueError(f"unknown bn {value!r}; expected one of {MOCO_BN_MODES}")
+        return value
+
+    @field_validator("processes_per_node")
+    @classmethod
+    def _queue_takes_whole_global_batches(cls, value: int, info: ValidationInfo) -> int:
+        # Declared last, so the fields it checks against are validated (when valid) by now.
+        batch, queue, nodes = (info.data.get(k) for k in ("batch_size", "queue_size", "nodes"))
+        if batch is None or queue is None or nodes is None or value * nodes == 1:
+            return value
+        global_batch = batch * value * nodes
+        if queue % global_batch:
+            raise ValueError(
+                f"with {nodes} node(s) x {value} processes every step enqueues the global batch "
+                f"of {global_batch} keys (batch_size {batch} per process), so queue_size must be "
+                f"a multiple of {global_batch}, found {queue}; set moco.queue_size to "
+                f"{max(global_batch, queue // global_batch * global_batch)} or change "
+                "moco.batch_size"
+            )
+        return value
+
+
+MOCO_BN_MODES = ("shuffle", "sync", "none")
+"""moco.bn: as ``sslpipe.moco.ddp.BN_MODES`` (not imported here, to keep torch out)."""
 
 
 class LabelsConfig(_Section):

@@ -16,7 +16,7 @@ from azure.ai.ml.entities import PipelineJob
 
 from pipelines import PIPELINES
 from sslpipe import azureml
-from sslpipe.config import PipelineConfig, load_config
+from sslpipe.config import ConfigError, PipelineConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 AZURE_STORES = [
@@ -96,6 +96,12 @@ def test_dry_run_yaml_round_trips_with_computes_and_literal_inputs(
     assert spec["inputs"]["blob_uri"].startswith("https://catalogaccount.blob.core.windows.net")
     if "moco_train" in jobs:
         assert str(jobs["moco_train"]["inputs"]["epochs"]) == "7"
+        # One process on one machine unless configured (see the test below).
+        assert jobs["moco_train"]["distribution"] == {
+            "type": "pytorch",
+            "process_count_per_instance": 1,
+        }
+        assert jobs["moco_train"]["resources"]["instance_count"] == 1
         selection = jobs["data_prep"]["inputs"]["selection"]
         assert selection == {"path": "${{parent.jobs.connect_db.outputs.selection}}"}
     if "classifier_train" in jobs:
@@ -104,6 +110,34 @@ def test_dry_run_yaml_round_trips_with_computes_and_literal_inputs(
         backbone = str(jobs["baseline_classifier_train"]["inputs"]["backbone"])
         assert backbone.startswith("torchvision:")
         assert "backbone_model" in jobs["classifier_train"]["inputs"]
+
+
+@pytest.mark.parametrize("name", ["moco", "full"])
+def test_moco_train_runs_data_parallel_on_the_configured_nodes_and_processes(
+    tmp_path: Path, name: str
+) -> None:
+    config = azure_config(tmp_path, "moco.processes_per_node=4", "moco.nodes=2")
+    job = prepared(name, config)
+    assert azureml.validate_offline(job, config) == []
+    path = azureml.dry_run(job, config)
+
+    step = yaml.safe_load(path.read_text(encoding="utf-8"))["jobs"]["moco_train"]
+    assert step["distribution"] == {"type": "pytorch", "process_count_per_instance": 4}
+    assert step["resources"]["instance_count"] == 2
+    # The step gets the same counts as inputs and checks them against WORLD_SIZE.
+    assert (str(step["inputs"]["processes_per_node"]), str(step["inputs"]["nodes"])) == ("4", "2")
+    reloaded = load_job(path)
+    assert isinstance(reloaded, PipelineJob)
+    node = reloaded.jobs["moco_train"]
+    assert node.distribution.process_count_per_instance == 4
+    assert node.resources.instance_count == 2
+
+
+def test_a_queue_the_global_batch_does_not_divide_is_refused_before_compiling(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError, match=r"moco.processes_per_node.*multiple of 512"):
+        azure_config(tmp_path, "moco.processes_per_node=4", "moco.nodes=2", "moco.queue_size=1000")
 
 
 def test_local_store_uris_fail_validation_naming_the_input(tmp_path: Path) -> None:

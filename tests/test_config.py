@@ -182,3 +182,44 @@ def test_the_config_is_frozen() -> None:
     config = load_config()
     with pytest.raises(ValueError, match="frozen"):
         config.moco.epochs = 9  # type: ignore[misc]
+
+
+def test_moco_trains_in_one_process_on_one_node_by_default() -> None:
+    moco = MocoConfig()
+    assert (moco.nodes, moco.processes_per_node, moco.bn) == (1, 1, "shuffle")
+
+
+def test_data_parallel_moco_is_configured_with_nodes_processes_and_bn() -> None:
+    moco = load_config(overrides=["moco.nodes=2", "moco.processes_per_node=4", "moco.bn=sync"]).moco
+    assert (moco.nodes, moco.processes_per_node, moco.bn) == (2, 4, "sync")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "message"),
+    [
+        (["moco.bn=group"], "moco.bn", r"unknown bn 'group'; expected one of"),
+        (["moco.nodes=0"], "moco.nodes", r"greater than or equal to 1"),
+        (["moco.processes_per_node=0"], "moco.processes_per_node", r"greater than or equal"),
+        (
+            ["moco.processes_per_node=2", "moco.queue_size=4000"],
+            "moco.processes_per_node",
+            r"global batch of 128 keys .* multiple of 128, found 4000; set moco.queue_size to "
+            r"3968",
+        ),
+        (
+            ["moco.nodes=2", "moco.processes_per_node=2", "moco.queue_size=128"],
+            "moco.processes_per_node",
+            r"multiple of 256, found 128; set moco.queue_size to 256",
+        ),
+    ],
+)
+def test_a_distribution_the_queue_cannot_take_is_one_line_naming_the_key(
+    overrides: list[str], key: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"^invalid value for '{key}'.*{message}") as err:
+        load_config(overrides=overrides)
+    assert_one_line(err)
+
+
+def test_the_queue_need_not_take_whole_batches_in_one_process() -> None:
+    assert load_config(overrides=["moco.queue_size=100"]).moco.queue_size == 100

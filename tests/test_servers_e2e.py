@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -54,6 +55,11 @@ def _environment(
         "LABEL_STUDIO_URL": label_studio["url"],
         "LABEL_STUDIO_API_KEY": label_studio["token"],
     }
+
+
+def _cosmos_uri(cosmos: dict[str, str], database: str) -> str:
+    """``cosmos://host:port/<database>/images`` for the local server's endpoint."""
+    return f"cosmos://{urlparse(cosmos['endpoint']).netloc}/{database}/images"
 
 
 def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -141,7 +147,7 @@ def servers_run(
                 "workspace": str(root / "workspace"),
                 "demo": False,
                 "stores": {
-                    "metadata_uri": f"cosmos://127.0.0.1:8081/{name}/images",
+                    "metadata_uri": _cosmos_uri(cosmos_server, name),
                     "blob_uri": f"{azurite['blob_endpoint']}/{name}",
                 },
             }
@@ -160,7 +166,7 @@ def servers_run(
             "env": env,
             "project_id": project_id,
             "expected": expected,
-            "metadata_uri": f"cosmos://127.0.0.1:8081/{name}/images",
+            "metadata_uri": _cosmos_uri(cosmos_server, name),
             "secrets": [
                 azurite["account_key"],
                 cosmos_server["key"],
@@ -239,7 +245,7 @@ def test_the_demo_catalog_reaches_empty_servers_and_the_moco_pipeline_runs_on_th
     name = f"demo{uuid.uuid4().hex[:10]}"
     sets = [
         f"workspace={tmp_path}",
-        f"stores.metadata_uri=cosmos://127.0.0.1:8081/{name}/images",
+        f"stores.metadata_uri={_cosmos_uri(cosmos_server, name)}",
         f"stores.blob_uri={azurite['blob_endpoint']}/{name}",
         "filter.limit=64",
         "data_prep.image_size=36",

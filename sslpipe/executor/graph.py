@@ -22,7 +22,12 @@ How the ``PipelineJob`` is read (all SDK access lives in :class:`_JobReader`):
   ``job.component.inputs``.
 
 ``job._to_dict()`` is deliberately *not* the source of truth: it serialises boolean literals
-as ``1``/``0``, defaults as strings and local paths as ``azureml:<path>``.
+as ``1``/``0``, defaults as strings and local paths as ``azureml:<path>``. Only a node's
+``distribution`` and ``resources`` are read from it (plain dicts there).
+
+A step with ``distribution: {type: pytorch, process_count_per_instance: N > 1}`` runs as N
+processes on this machine (see :attr:`StepSpec.processes`); one that asks for more than one
+machine (``resources.instance_count > 1``) is refused when the graph is built.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
+
+from sslpipe.config import ConfigError
 
 if TYPE_CHECKING:
     from azure.ai.ml.entities import PipelineJob
@@ -74,8 +81,12 @@ STEP_SEPARATOR = "."
 """Joins a sub-pipeline node's name and an inner node's name into a flat step name."""
 
 
-class PipelineGraphError(ValueError):
-    """The pipeline cannot be turned into a runnable local graph (the message says why)."""
+class PipelineGraphError(ConfigError):
+    """The pipeline cannot be turned into a runnable local graph (the message says why).
+
+    A :class:`~sslpipe.config.ConfigError` (and so a ValueError): the command line reports it
+    as one line, before anything runs.
+    """
 
 
 @dataclass(frozen=True)
@@ -135,13 +146,29 @@ class StepSpec:
     distribution: dict[str, Any] | None = None
     resources: dict[str, Any] | None = None
 
+    @property
+    def processes(self) -> int:
+        """Processes per machine: ``distribution.process_count_per_instance``, else 1."""
+        count = (self.distribution or {}).get("process_count_per_instance")
+        return 1 if count is None else int(count)
+
+    @property
+    def instance_count(self) -> int:
+        """Machines the step asks for: ``resources.instance_count``, else 1."""
+        count = (self.resources or {}).get("instance_count")
+        return 1 if count is None else int(count)
+
     def upstream_steps(self) -> list[str]:
         """Names of the steps whose outputs this step reads, without duplicates, sorted."""
         return sorted({b.step for b in self.bindings.values() if isinstance(b, UpstreamOutput)})
 
     def component_spec(self) -> dict[str, Any]:
-        """The parts of the component that define what the step does (hashed for reuse)."""
-        return {
+        """The parts of the component that define what the step does (hashed for reuse).
+
+        The distribution counts when there is one: N processes may compute something else
+        than one (data-parallel training with another global batch).
+        """
+        spec = {
             "name": self.component_name,
             "version": self.component_version,
             "command": self.command,
@@ -149,6 +176,9 @@ class StepSpec:
             "outputs": {n: {"type": s.type} for n, s in sorted(self.outputs.items())},
             "environment_variables": dict(sorted(self.environment_variables.items())),
         }
+        if self.distribution is not None:
+            spec["distribution"] = dict(sorted(self.distribution.items()))
+        return spec
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-compatible form (used by the run record and to resume a run)."""
@@ -332,6 +362,7 @@ def _validate_step(step: StepSpec, steps: Mapping[str, StepSpec]) -> None:
                 f"{where}: its command uses ${{{{{kind}.{name}}}}}, but the component declares "
                 f"no such {kind[:-1]}; declared {kind}: {_names(declared)}"
             )
+    _validate_distribution(step, where)
     outside, _ = command_references(step.command)
     for input_name, spec in step.inputs.items():
         if input_name in step.bindings:
@@ -347,6 +378,33 @@ def _validate_step(step: StepSpec, steps: Mapping[str, StepSpec]) -> None:
                 f"{where}: optional input {input_name!r} is not bound but its command uses it "
                 "outside a $[[...]] block; wrap that part of the command in $[[...]] or bind it"
             )
+
+
+def _validate_distribution(step: StepSpec, where: str) -> None:
+    """A local step runs on this one machine, several processes only with torchrun."""
+    distribution = step.distribution or {}
+    resources = step.resources or {}
+    for key, value in (
+        ("distribution.process_count_per_instance", distribution.get("process_count_per_instance")),
+        ("resources.instance_count", resources.get("instance_count")),
+    ):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise PipelineGraphError(f"{where}: {key} must be a whole number >= 1, got {value!r}")
+        if value is not None and value < 1:
+            raise PipelineGraphError(f"{where}: {key} must be >= 1, got {value}")
+    if step.instance_count > 1:
+        raise PipelineGraphError(
+            f"{where} asks for {step.instance_count} machines (resources.instance_count), but "
+            "the local executor runs every step on this machine; set the instance count to 1 "
+            "(for moco_train: moco.nodes=1) or run the pipeline on Azure ML (--backend azureml)"
+        )
+    kind = str(distribution.get("type", "pytorch")).lower()
+    if step.processes > 1 and kind != "pytorch":
+        raise PipelineGraphError(
+            f"{where}: distribution type {kind!r} with {step.processes} processes cannot run "
+            "locally; the local executor starts several processes only for type 'pytorch' "
+            "(with torchrun)"
+        )
 
 
 def _validate_upstream(

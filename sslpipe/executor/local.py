@@ -11,6 +11,13 @@ Layout under the workspace::
 A step is reused (not run) when it is deterministic and an earlier successful step had the
 same cache key: the same component spec, the same code (component folder + library paths),
 the same literal parameters and the same *content* of every input path.
+
+A step whose component (or pipeline node) declares ``distribution: {type: pytorch,
+process_count_per_instance: N}`` with N > 1 runs under torchrun on this machine's cores or
+GPUs: ``python -m torch.distributed.run --standalone --nproc_per_node N <script or -m module>
+...``. torchrun gives every process RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT,
+as Azure ML does; the output of all processes goes to the step's log, and the step fails when
+any process fails.
 """
 
 from __future__ import annotations
@@ -153,6 +160,35 @@ def resolve_command(command: str, values: Mapping[str, str | None]) -> list[str]
 
 def _refs(text: str) -> list[tuple[str, str]]:
     return [(kind, name) for kind, name in PLACEHOLDER_RE.findall(text)]
+
+
+def torchrun_argv(argv: Sequence[str], processes: int) -> list[str]:
+    """``python <script|-m module> args`` as ``processes`` processes under torchrun.
+
+    Args:
+        argv: a resolved command whose first item is the Python interpreter.
+        processes: processes on this machine (``process_count_per_instance``), >= 1.
+
+    Returns:
+        ``[python, -m, torch.distributed.run, --standalone, --nproc_per_node=N, ...]`` followed
+        by the script (or ``-m module``) and its arguments. ``--standalone`` lets torchrun pick
+        a free port on localhost, so that several runs on one machine do not collide.
+
+    Raises:
+        CommandError: when the command is not ``python script ...`` or ``python -m module ...``.
+    """
+    if processes < 1:
+        raise CommandError(f"process_count_per_instance must be >= 1, got {processes}")
+    if len(argv) < 2:
+        raise CommandError(f"cannot run {shlex.join(argv)!r} under torchrun: no script to run")
+    target = argv[1]
+    if target.startswith("-") and target != "-m":
+        raise CommandError(
+            f"cannot run {shlex.join(argv)!r} under torchrun: start the command with "
+            "'python script.py ...' or 'python -m module ...' (no interpreter options)"
+        )
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return [argv[0], *launcher, *argv[1:]]
 
 
 def compute_cache_key(
@@ -553,8 +589,18 @@ class LocalExecutor:
         values |= {f"inputs.{n}": p for n, p in prepared.inputs.items()}
         values |= {f"inputs.{n}": format_value(v) for n, v in prepared.parameters.items()}
         argv = resolve_command(step.command, values)
-        if argv and argv[0] in _PYTHON_NAMES:
+        is_python = bool(argv) and argv[0] in _PYTHON_NAMES
+        if is_python:
             argv[0] = self.python
+        if step.processes > 1:
+            if not is_python:
+                raise CommandError(
+                    f"step {step.name!r} asks for {step.processes} processes "
+                    "(distribution.process_count_per_instance), which the local executor "
+                    "starts with torchrun; its command must start with 'python', found "
+                    f"{argv[0] if argv else '(nothing)'!r}"
+                )
+            argv = torchrun_argv(argv, step.processes)
         return argv
 
     # ---- reuse
@@ -632,6 +678,9 @@ class LocalExecutor:
     def _step_env(self, step: StepSpec) -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"  # so that output streams line by line, as it happens
+        if step.processes > 1:
+            # torchrun would set 1 (with a warning); share the cores between the processes.
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // step.processes)))
         env.update(step.environment_variables)
         env.update(self.env)
         return env

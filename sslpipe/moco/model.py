@@ -13,7 +13,16 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from sslpipe import distributed
+from sslpipe.moco.ddp import (
+    BN_MODES,
+    BatchNormMode,
+    convert_sync_batchnorm,
+    shuffled_key_batch,
+    unshuffled_global_keys,
+)
 from sslpipe.moco.heads import ProjectionHead
 from sslpipe.moco.loss import InfoNCELoss
 from sslpipe.moco.queue import KeyQueue
@@ -68,6 +77,26 @@ def _check_positive_int(value: int, name: str) -> None:
         raise ValueError(f"MoCo: {name} must be a positive int, got {value!r}.")
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last for an image batch laid out that way, else the default layout."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    if channels_last and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class _QueryEncoder(nn.Module):
+    """Backbone + head as one module, the unit that DistributedDataParallel wraps."""
+
+    def __init__(self, backbone: nn.Module, projection_head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = projection_head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.projection_head(self.backbone(x)), dim=1)
+
+
 class MoCo(nn.Module):
     """MoCo v2 pre-training model; ``forward`` returns the loss of one step.
 
@@ -88,6 +117,15 @@ class MoCo(nn.Module):
         queue_size: Number K of negative keys.
         key_momentum: Momentum m of the key encoder update, in [0, 1].
         temperature: Temperature of the InfoNCE loss.
+        bn: How batch normalisation is kept from leaking the positive pair when training in
+            several processes (see :mod:`sslpipe.moco.ddp`): ``"shuffle"`` (shuffle-BN, the
+            MoCo paper's), ``"sync"`` (SyncBatchNorm) or ``"none"``. It takes effect in
+            :meth:`distribute`; a single process trains the same with any of them.
+
+    Multi-process training: after moving the model to its device, call :meth:`distribute`
+    in every process. The query encoder is then wrapped in DistributedDataParallel, and the
+    keys of every process are all-gathered before they are enqueued, so all processes hold the
+    same queue, which receives the global batch at every step.
 
     Attributes:
         backbone: Query backbone, the network exported after pre-training.
@@ -107,8 +145,14 @@ class MoCo(nn.Module):
         queue_size: int = 4096,
         key_momentum: float = 0.99,
         temperature: float = 0.2,
+        bn: BatchNormMode = "shuffle",
     ) -> None:
         super().__init__()
+        if bn not in BN_MODES:
+            raise ValueError(
+                f"MoCo: bn must be one of {', '.join(BN_MODES)}, got {bn!r}. 'shuffle' is the "
+                "MoCo paper's shuffle-BN, 'sync' SyncBatchNorm."
+            )
         _check_positive_int(feature_dim, "feature_dim")
         _check_positive_int(projection_hidden_dim, "projection_hidden_dim")
         _check_positive_int(projection_dim, "projection_dim")
@@ -116,6 +160,7 @@ class MoCo(nn.Module):
         _check_momentum(key_momentum, "MoCo key_momentum")
         self.feature_dim = feature_dim
         self.key_momentum = float(key_momentum)
+        self.bn: BatchNormMode = bn
 
         self.backbone = backbone
         self.projection_head = ProjectionHead(
@@ -129,6 +174,46 @@ class MoCo(nn.Module):
 
         self.queue = KeyQueue(queue_size, projection_dim)
         self.criterion = InfoNCELoss(temperature=temperature)
+        # Not a registered submodule: it shares the query encoder's parameters, and the
+        # state_dict must keep the same keys whether or not the model is distributed.
+        self._ddp: DistributedDataParallel | None = None
+
+    @property
+    def is_distributed(self) -> bool:
+        """True after :meth:`distribute` in a process group of more than one process."""
+        return self._ddp is not None
+
+    def distribute(self, *, device_ids: list[int] | None = None) -> None:
+        """Prepare to train in every process of the running ``torch.distributed`` group.
+
+        Call it in every process, after the model is on its device and after a checkpoint was
+        loaded. It applies ``bn="sync"`` (converting the BN layers of both encoders), makes
+        rank 0's parameters, buffers and queue everyone's, and wraps the query encoder in
+        DistributedDataParallel (``device_ids``: this process's GPU, None on CPU). Without a
+        process group, or in a group of one, it does nothing.
+        """
+        if distributed.world_size() == 1:
+            return
+        if self._ddp is not None:
+            raise RuntimeError("MoCo.distribute: the model is already distributed.")
+        if self.bn == "sync":
+            self.backbone = convert_sync_batchnorm(self.backbone)
+            self.key_backbone = convert_sync_batchnorm(self.key_backbone)
+            for head in (self.projection_head, self.key_projection_head):
+                convert_sync_batchnorm(head)  # in place; MoCo v2's head has no BN anyway
+        distributed.broadcast_(list(self.state_dict().values()), src=0)
+        ddp = DistributedDataParallel(
+            _QueryEncoder(self.backbone, self.projection_head), device_ids=device_ids
+        )
+        ddp.train(self.training)
+        object.__setattr__(self, "_ddp", ddp)  # bypass nn.Module's submodule registration
+
+    def train(self, mode: bool = True) -> MoCo:
+        """Set the mode of the model (and of its DistributedDataParallel wrapper)."""
+        super().train(mode)
+        if self._ddp is not None:
+            self._ddp.train(mode)
+        return self
 
     def _key_parameters(self) -> list[nn.Parameter]:
         return [*self.key_backbone.parameters(), *self.key_projection_head.parameters()]
@@ -147,7 +232,14 @@ class MoCo(nn.Module):
         return features
 
     def encode_queries(self, x_query: Tensor) -> Tensor:
-        """L2-normalised query embeddings (N, projection_dim); gradients flow."""
+        """L2-normalised query embeddings (N, projection_dim); gradients flow.
+
+        When distributed and training, through DistributedDataParallel (gradients are averaged
+        over the processes); in eval mode directly, so that one process alone may evaluate.
+        """
+        if self._ddp is not None and self.training:
+            out: Tensor = self._ddp(x_query)
+            return out
         return F.normalize(self.projection_head(self.backbone(x_query)), dim=1)
 
     @torch.no_grad()
@@ -163,9 +255,6 @@ class MoCo(nn.Module):
         The key encoder runs in the same mode as the model, so during training its BatchNorm
         layers use batch statistics, as in the original implementation.
         """
-        # A multi-GPU subclass overrides this to add shuffle-BN (shuffle the batch across
-        # processes before the key encoder, unshuffle after, so BN statistics cannot leak which
-        # key is the positive) and to all-gather the keys before they are enqueued.
         return F.normalize(self.key_projection_head(self.key_backbone(x_key)), dim=1)
 
     def forward(self, x_query: Tensor, x_key: Tensor) -> Tensor:
@@ -192,10 +281,37 @@ class MoCo(nn.Module):
         with torch.no_grad():
             if self.training:
                 self.momentum_update()
-            k = self.encode_keys(x_key)
+            k, k_global = self._keys(x_key)
         # Snapshot of the negatives: enqueue below writes into the buffer in place.
         negatives = self.queue.keys.clone().detach()
         loss: Tensor = self.criterion(q, k, negatives)
         if self.training:
-            self.queue.enqueue(k)
+            self.queue.enqueue(k_global)
         return loss
+
+    @torch.no_grad()
+    def _keys(self, x_key: Tensor) -> tuple[Tensor, Tensor]:
+        """(this process's keys, the global batch's keys in rank order) of one step.
+
+        In one process, or in eval mode, both are the keys of ``x_key``. Distributed, the keys
+        of every process are gathered (after shuffle-BN when ``bn="shuffle"``) so that every
+        process enqueues the same global batch and the queues stay identical.
+        """
+        if self._ddp is None or not self.training:
+            k = self.encode_keys(x_key)
+            return k, k
+        if self.bn == "shuffle":
+            x_shuffled, unshuffle = shuffled_key_batch(x_key)
+            x_shuffled = x_shuffled.contiguous(memory_format=_memory_format(x_key))
+            k_global = unshuffled_global_keys(self.encode_keys(x_shuffled), unshuffle)
+        else:
+            k_global = distributed.all_gather(self.encode_keys(x_key))
+        if self.queue.size % k_global.shape[0]:
+            raise ValueError(
+                f"MoCo: queue_size {self.queue.size} is not a multiple of the global batch "
+                f"{k_global.shape[0]} ({x_key.shape[0]} images x {distributed.world_size()} "
+                "processes); every process must enqueue whole global batches. Choose a "
+                "queue_size that is a multiple of batch_size x processes."
+            )
+        n, rank = x_key.shape[0], distributed.rank()
+        return k_global[rank * n : (rank + 1) * n], k_global

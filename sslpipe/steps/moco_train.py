@@ -5,14 +5,25 @@ Outputs:
     model/       backbone.pt + backbone.json (see sslpipe.backbone_io), loss_curve.png,
                  metrics.json, registered_model.json
     checkpoint/  last.pt, rewritten atomically after every epoch; ``resume`` continues from it
+
+Several processes (torchrun, or Azure ML's PyTorch distribution; see sslpipe.distributed):
+every process trains on its own shard of the images (DistributedSampler) with ``batch_size``
+images per step, so the global batch, which the queue receives at every step, is
+``batch_size x WORLD_SIZE``; the learning rate is not rescaled. The query encoder is wrapped in
+DistributedDataParallel and keys are gathered from all processes before they are enqueued
+(sslpipe.moco.MoCo.distribute). Rank 0 alone writes checkpoints, logs, metrics, plots, the kNN
+monitor and the model, and registers it; every process resumes from rank 0's checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +35,9 @@ import matplotlib.pyplot as plt
 import mlflow
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from sslpipe import distributed
 from sslpipe.backbone_io import save_backbone
 from sslpipe.config import MocoConfig
 from sslpipe.io import atomic_path, read_csv, read_optional_json, write_json
@@ -70,19 +82,36 @@ class TrainingState:
     mlflow_run_id: str | None = None
 
 
-def effective_sizes(config: MocoConfig, num_images: int) -> tuple[int, int]:
-    """Batch size and queue size that fit ``num_images``, with a warning when changed.
+def effective_sizes(config: MocoConfig, num_images: int, world_size: int = 1) -> tuple[int, int]:
+    """Per-process batch size and queue size that fit ``num_images``, warning when changed.
 
     The queue must not hold more keys than there are other images, or an image's own earlier
-    key (a positive) lands among its negatives.
+    key (a positive) lands among its negatives. With several processes each one sees
+    ``num_images // world_size`` images per epoch, and the queue, which receives the global
+    batch (``batch x world_size`` keys) at every step, must be a multiple of it.
     """
-    if num_images < 2:
-        raise ValueError(f"MoCo needs at least 2 images, the data has {num_images}")
-    batch = min(config.batch_size, num_images)
+    per_process = num_images // world_size
+    if per_process < 2:
+        raise ValueError(
+            f"MoCo needs at least 2 images per process, the data has {num_images} for "
+            f"{world_size} process(es)"
+        )
+    batch = min(config.batch_size, per_process)
     if batch < config.batch_size:
-        log.warning("batch_size %d > %d images: using %d", config.batch_size, num_images, batch)
-    limit = max(batch, (num_images - batch) // batch * batch)
+        log.warning(
+            "batch_size %d > %d images per process: using %d", config.batch_size, per_process, batch
+        )
+    global_batch = batch * world_size
+    limit = max(global_batch, (num_images - global_batch) // global_batch * global_batch)
     queue = config.queue_size
+    if world_size > 1 and queue % global_batch:
+        if batch == config.batch_size:
+            raise ValueError(
+                f"queue_size {queue} is not a multiple of the global batch {global_batch} "
+                f"(batch_size {batch} x {world_size} processes); every step enqueues one global "
+                f"batch, so set queue_size to a multiple of {global_batch}"
+            )
+        queue = max(global_batch, queue // global_batch * global_batch)
     if queue > limit:
         log.warning(
             "queue_size %d exceeds what %d images support without positives among the negatives;"
@@ -95,9 +124,9 @@ def effective_sizes(config: MocoConfig, num_images: int) -> tuple[int, int]:
     return batch, queue
 
 
-def build_model(config: MocoConfig, queue_size: int) -> MoCo:
+def build_model(config: MocoConfig, queue_size: int, device: torch.device | None = None) -> MoCo:
     backbone, feature_dim = build_backbone(BackboneSpec(config.backbone, config.small_stem))
-    return MoCo(
+    model = MoCo(
         backbone,
         feature_dim,
         projection_hidden_dim=config.projection_hidden_dim,
@@ -105,19 +134,48 @@ def build_model(config: MocoConfig, queue_size: int) -> MoCo:
         queue_size=queue_size,
         key_momentum=config.key_momentum,
         temperature=config.temperature,
-    ).to(memory_format=torch.channels_last)
+        bn=config.bn,  # type: ignore[arg-type]  # validated by MocoConfig
+    )
+    model = model.to(memory_format=torch.channels_last)
+    return model if device is None else model.to(device)
 
 
-def _loader(dataset: Dataset[Any], batch: int, workers: int, seed: int) -> DataLoader[Any]:
-    generator = torch.Generator().manual_seed(seed)
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of one process's augmentations in one epoch: distinct per process (fewer than a
+    million epochs), and ``seed + epoch`` in a single process."""
+    return seed + epoch + 1_000_003 * rank
+
+
+def _loader(
+    dataset: Dataset[Any],
+    batch: int,
+    workers: int,
+    *,
+    seed: int,
+    epoch: int,
+    env: distributed.DistEnv,
+    pin_memory: bool = False,
+) -> DataLoader[Any]:
+    """The epoch's loader: a seeded shuffle, or this process's shard of a shared shuffle."""
+    generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch, env.rank))
+    sampler: DistributedSampler[Any] | None = None
+    if env.is_distributed:
+        # The same permutation in every process (seed, epoch), each taking every world_size-th
+        # image; drop_last so that every process runs the same number of steps.
+        sampler = DistributedSampler(
+            dataset, num_replicas=env.world_size, rank=env.rank, seed=seed, drop_last=True
+        )
+        sampler.set_epoch(epoch)
     return DataLoader(
         dataset,
         batch_size=batch,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         drop_last=True,
         num_workers=workers,
         generator=generator,
         persistent_workers=False,
+        pin_memory=pin_memory,
     )
 
 
@@ -126,31 +184,73 @@ def _lr_at(config: MocoConfig, epoch: int) -> float:
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
 
 
-def _train_epoch(model: MoCo, loader: DataLoader[Any], optimizer: torch.optim.Optimizer) -> float:
+def _on(device: torch.device, x: torch.Tensor) -> torch.Tensor:
+    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+def _train_epoch(
+    model: MoCo,
+    loader: DataLoader[Any],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device | None = None,
+) -> tuple[float, int]:
+    """One pass over this process's images: (mean loss over all processes, steps)."""
+    device = device or torch.device("cpu")
     model.train()
     total, steps = 0.0, 0
     for x_query, x_key in loader:
-        loss = model(
-            x_query.contiguous(memory_format=torch.channels_last),
-            x_key.contiguous(memory_format=torch.channels_last),
-        )
+        loss = model(_on(device, x_query), _on(device, x_key))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += float(loss.detach())
         steps += 1
-    return total / max(1, steps)
+    mean = torch.tensor([total / max(1, steps)], dtype=torch.float64, device=device)
+    return float(distributed.all_gather(mean).mean()), steps
 
 
 @torch.no_grad()
-def knn_monitor(model: MoCo, dataset: ImageFolderDataset, labels: torch.Tensor, k: int) -> float:
+def knn_monitor(
+    model: MoCo,
+    dataset: ImageFolderDataset,
+    labels: torch.Tensor,
+    k: int,
+    device: torch.device | None = None,
+) -> float:
     """Leave-one-out kNN top-1 of the labelled images on frozen backbone features."""
+    device = device or torch.device("cpu")
     model.eval()
     loader = DataLoader(dataset, batch_size=256, shuffle=False, num_workers=0)
-    features = torch.cat(
-        [model.embed(x.contiguous(memory_format=torch.channels_last)) for x in loader]
-    )
+    features = torch.cat([model.embed(_on(device, x)).cpu() for x in loader])
     return leave_one_out_knn_top1(features, labels, k=k)
+
+
+def _check_same_start(epoch: int, checkpoint_dir: Path, device: torch.device) -> None:
+    """Raise unless every process resumes after the same epoch (sees the same checkpoint)."""
+    if distributed.world_size() == 1:
+        return
+    epochs = distributed.all_gather(torch.tensor([epoch], device=device)).cpu().tolist()
+    if len(set(epochs)) > 1:
+        raise RuntimeError(
+            f"the processes would start after different epochs {epochs} (by rank): every "
+            f"process must see rank 0's checkpoint in {checkpoint_dir}, a folder shared by "
+            "all nodes"
+        )
+
+
+def _check_replicas_agree(model: MoCo, device: torch.device) -> None:
+    """Raise unless every process holds the same weights and queue (a cheap checksum)."""
+    if distributed.world_size() == 1:
+        return
+    with torch.no_grad():
+        tensors = [*model.parameters(), model.queue.keys]
+        checksum = torch.stack([t.detach().double().sum() for t in tensors]).sum().reshape(1)
+        sums = distributed.all_gather(checksum.to(device)).cpu()
+    if not bool(torch.all(sums == sums[0])):
+        raise RuntimeError(
+            f"the training processes diverged: weight checksums {sums.tolist()} differ; "
+            "every process must run the same number of steps on the same model"
+        )
 
 
 def _save_checkpoint(
@@ -159,7 +259,9 @@ def _save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: TrainingState,
     config: MocoConfig,
+    world_size: int = 1,
 ) -> None:
+    """Write ``last.pt`` atomically; call it on rank 0 only."""
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model.state_dict(),
@@ -169,6 +271,7 @@ def _save_checkpoint(
         "knn": state.knn,
         "mlflow_run_id": state.mlflow_run_id,
         "config": config.model_dump(mode="json"),
+        "world_size": world_size,
     }
     with atomic_path(folder / CHECKPOINT_FILE) as tmp:
         torch.save(payload, tmp)
@@ -181,10 +284,12 @@ def _load_checkpoint(
     if not path.is_file():
         return None
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload["config"] != config.model_dump(mode="json"):
+    saved, current = payload["config"], config.model_dump(mode="json")
+    if saved != current:
+        changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
         raise ValueError(
-            f"cannot resume from {path}: it was written with a different configuration; "
-            "start a fresh run instead of --resume"
+            f"cannot resume from {path}: it was written with a different configuration "
+            f"({', '.join(changed)} changed); start a fresh run instead of --resume"
         )
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
@@ -232,22 +337,83 @@ def run_moco_train(
     config: MocoConfig,
     resume: bool = True,
     register: bool = True,
+    env: distributed.DistEnv | None = None,
 ) -> dict[str, Any]:
-    """Pre-train, checkpoint every epoch, write the backbone folder and register it."""
+    """Pre-train, checkpoint every epoch, write the backbone folder and register it.
+
+    Runs in one process, or in each of ``config.nodes x config.processes_per_node`` processes
+    started by torchrun or Azure ML (``env``: default, read from the environment). Every
+    process returns the metrics; only rank 0 writes ``model_dir`` and ``checkpoint_dir``.
+
+    Raises:
+        ValueError: the data is too small, the checkpoint has another configuration, or the
+            number of processes is not the configured one.
+    """
+    env = distributed.DistEnv.from_env() if env is None else env
+    expected = config.nodes * config.processes_per_node
+    if env.world_size != expected:
+        raise ValueError(
+            f"moco_train is configured for {config.nodes} node(s) x {config.processes_per_node} "
+            f"process(es) = {expected}, but it runs in {env.world_size} (WORLD_SIZE); launch it "
+            f"with torchrun --nproc_per_node {config.processes_per_node} (the local executor "
+            "does) or set nodes and processes_per_node to match"
+        )
+    with _quiet_unless_main(env), distributed.session(env) as device:
+        result = _run(
+            data_dir=data_dir,
+            model_dir=model_dir,
+            checkpoint_dir=checkpoint_dir,
+            config=config,
+            resume=resume,
+            register=register,
+            env=env,
+            device=device,
+        )
+        distributed.barrier()  # nobody leaves before rank 0 has written and registered
+    return result
+
+
+@contextlib.contextmanager
+def _quiet_unless_main(env: distributed.DistEnv) -> Iterator[None]:
+    """Only rank 0 logs progress; the other processes log warnings and errors."""
+    previous = log.level
+    if not env.is_main:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(previous)
+
+
+def _run(
+    *,
+    data_dir: Path,
+    model_dir: Path,
+    checkpoint_dir: Path,
+    config: MocoConfig,
+    resume: bool,
+    register: bool,
+    env: distributed.DistEnv,
+    device: torch.device,
+) -> dict[str, Any]:
+    main = env.is_main
     torch.manual_seed(config.seed)
     manifest = read_csv(data_dir / "manifest.csv", required=("id", "path", "label"))
-    batch, queue = effective_sizes(config, len(manifest))
-    model = build_model(config, queue)
+    batch, queue = effective_sizes(config, len(manifest), env.world_size)
+    model = build_model(config, queue, device)
     optimizer = torch.optim.SGD(
         model.query_parameters(),
         lr=config.lr,
         momentum=config.sgd_momentum,
         weight_decay=config.weight_decay,
     )
+    # Every process loads rank 0's checkpoint (map_location cpu, then onto its device).
     state = (
         _load_checkpoint(checkpoint_dir, model, optimizer, config) if resume else None
     ) or TrainingState()
     losses, knn = list(state.losses or []), list(state.knn or [])
+    _check_same_start(state.epoch, checkpoint_dir, device)
+    model.distribute(device_ids=[device.index] if device.type == "cuda" else None)
 
     augment = moco_v2_transform(
         config.image_size,
@@ -261,47 +427,67 @@ def run_moco_train(
         data_dir, list(labelled["path"]), eval_transform(config.image_size)
     )
     knn_labels = torch.tensor([classes.index(c) for c in labelled["label"]], dtype=torch.long)
-    monitor = len(classes) >= 2
+    monitor = main and len(classes) >= 2
 
-    configure_tracking()
     selection = read_optional_json(data_dir / "selection.json")
-    with mlflow.start_run(
-        run_id=state.mlflow_run_id,
-        run_name="moco_train",
-        tags={"sslpipe.step": "moco_train", **parent_run_tags()},
-    ) as run:
-        if state.mlflow_run_id is None:
+    with _tracking_run(state, main) as run:
+        if main and state.mlflow_run_id is None:
             mlflow.log_params(
                 {
                     **config.model_dump(mode="json"),
                     "effective_batch_size": batch,
                     "effective_queue_size": queue,
+                    "world_size": env.world_size,
+                    "global_batch_size": batch * env.world_size,
                     "num_images": len(manifest),
                 }
             )
-        state.mlflow_run_id = run.info.run_id
+        state.mlflow_run_id = run.info.run_id if run is not None else state.mlflow_run_id
         if monitor and not knn:
-            knn.append(knn_monitor(model, knn_set, knn_labels, config.knn_k))
+            knn.append(knn_monitor(model, knn_set, knn_labels, config.knn_k, device))
             mlflow.log_metric("knn_top1", knn[0], step=0)
             log.info(
                 "epoch 0 (random init): kNN top-1 %.3f on %d labelled images", knn[0], len(labelled)
+            )
+        if env.is_distributed:
+            log.info(
+                "data parallel over %d processes (%s): %d images per process and step, "
+                "global batch %d, bn=%s",
+                env.world_size,
+                device.type,
+                batch,
+                batch * env.world_size,
+                config.bn,
             )
         for epoch in range(state.epoch, config.epochs):
             lr = _lr_at(config, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # Seeding per epoch makes an epoch's shuffle and augmentations a function of
-            # (seed, epoch) alone, so a resumed run continues exactly like an uninterrupted one.
-            torch.manual_seed(config.seed + epoch)
-            loader = _loader(train_set, batch, config.num_workers, config.seed + epoch)
+            # (seed, epoch, rank) alone, so a resumed run continues like an uninterrupted one.
+            torch.manual_seed(_epoch_seed(config.seed, epoch, env.rank))
+            loader = _loader(
+                train_set,
+                batch,
+                config.num_workers,
+                seed=config.seed,
+                epoch=epoch,
+                env=env,
+                pin_memory=device.type == "cuda",
+            )
             started = time.perf_counter()
-            loss = _train_epoch(model, loader, optimizer)
+            loss, steps = _train_epoch(model, loader, optimizer, device)
             seconds = time.perf_counter() - started
+            _check_replicas_agree(model, device)
             losses.append(loss)
-            metrics = {"loss": loss, "lr": lr, "images_per_s": len(loader) * batch / seconds}
+            images = steps * batch * env.world_size
+            metrics = {"loss": loss, "lr": lr, "images_per_s": images / seconds}
             if monitor:
-                knn.append(knn_monitor(model, knn_set, knn_labels, config.knn_k))
+                knn.append(knn_monitor(model, knn_set, knn_labels, config.knn_k, device))
                 metrics["knn_top1"] = knn[-1]
+            state.epoch, state.losses, state.knn = epoch + 1, losses, knn
+            if not main:
+                continue
             mlflow.log_metrics(metrics, step=epoch + 1)
             log.info(
                 "epoch %d/%d: loss %.4f, lr %.4f, %.1f images/s%s",
@@ -312,9 +498,18 @@ def run_moco_train(
                 metrics["images_per_s"],
                 f", kNN top-1 {knn[-1]:.3f}" if monitor else "",
             )
-            state.epoch, state.losses, state.knn = epoch + 1, losses, knn
-            _save_checkpoint(checkpoint_dir, model, optimizer, state, config)
+            _save_checkpoint(checkpoint_dir, model, optimizer, state, config, env.world_size)
 
+        metrics_out = {
+            "final_loss": losses[-1],
+            "losses": losses,
+            "knn_top1": knn,
+            "epochs": config.epochs,
+            "num_images": len(manifest),
+        }
+        if not main:
+            return {"metrics": metrics_out, "registered": None}
+        assert run is not None
         lineage = {
             "filter": selection.get("filter"),
             "metadata_store": selection.get("metadata_store"),
@@ -329,13 +524,6 @@ def run_moco_train(
             model_dir, model.backbone, spec, image_size=config.image_size, lineage=lineage
         )
         _plot_losses(model_dir / "loss_curve.png", losses, knn)
-        metrics_out = {
-            "final_loss": losses[-1],
-            "losses": losses,
-            "knn_top1": knn,
-            "epochs": config.epochs,
-            "num_images": len(manifest),
-        }
         write_json(model_dir / "metrics.json", metrics_out)
         mlflow.log_artifact(str(model_dir / "loss_curve.png"))
         registered = None
@@ -349,6 +537,21 @@ def run_moco_train(
             write_json(model_dir / "registered_model.json", registered)
             log.info("registered %s (version %s)", registered["uri"], registered["version"])
     return {"metrics": metrics_out, "registered": registered}
+
+
+@contextlib.contextmanager
+def _tracking_run(state: TrainingState, main: bool) -> Iterator[Any]:
+    """The MLflow run on rank 0 (continued after a resume); None in the other processes."""
+    if not main:
+        yield None
+        return
+    configure_tracking()
+    with mlflow.start_run(
+        run_id=state.mlflow_run_id,
+        run_name="moco_train",
+        tags={"sslpipe.step": "moco_train", **parent_run_tags()},
+    ) as run:
+        yield run
 
 
 def _lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
