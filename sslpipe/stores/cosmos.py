@@ -39,7 +39,13 @@ The Cosmos-compatible test server (npm ``@vercel/cosmosdb-server`` 1.0.1, whose 
   Multilingual Plane): ids are ordered client-side;
 - it ignores the key (any key is accepted), and numbers are JavaScript numbers: an annotator id
   ``701.0`` reads back as ``701`` (one annotator with ``701``, unlike SQLite's "701.0");
-- the SDK itself never verifies certificates of "localhost" and "127.0.0.1".
+  annotator ids that are lists or objects compare by their JSON text (SQLite: Python's repr);
+- it closes the connection after every response, so unverified connections share one TLS
+  context (:func:`_unverified_transport`) instead of loading the CA bundle per request;
+- the SDK itself never verifies certificates of "localhost" and "127.0.0.1" (but does for ::1).
+
+Not run against Azure here: correlated JOIN subqueries and ``SUM`` over them are standard
+Cosmos SQL, but their request-unit cost on large containers is unmeasured.
 """
 
 from __future__ import annotations
@@ -588,6 +594,7 @@ class CosmosMetadataStore(MetadataStore):
         return int(sum(counts))
 
     def get(self, doc_id: str) -> dict[str, Any] | None:
+        """The document with this id without system fields, or None."""
         query = "SELECT * FROM c WHERE c.id = @id"
         params = [{"name": "@id", "value": doc_id}]
         for document in self._query(f"read document {doc_id!r}", query, params, 1):
@@ -595,6 +602,7 @@ class CosmosMetadataStore(MetadataStore):
         return None
 
     def select(self, image_filter: ImageFilter) -> Iterator[dict[str, Any]]:
+        """Matching documents (system fields stripped) in id order; see the module docstring."""
         if self.use_udf and (image_filter.include_labels or image_filter.exclude_labels):
             self._check_udf()
         query, params = compile_filter(image_filter, use_udf=self.use_udf)
@@ -615,6 +623,13 @@ class CosmosMetadataStore(MetadataStore):
         return {doc["id"]: strip_system_fields(doc) for doc in found}
 
     def upsert(self, documents: Iterable[dict[str, Any]]) -> UpsertReport:
+        """Insert or replace documents by id; returns how many were created, updated, unchanged.
+
+        Per chunk of 100: one query reads the stored versions, then only new or changed
+        documents (compared without system fields) are written, ``write_concurrency`` at once.
+        A document without a string id raises ValueError; earlier chunks stay written (Cosmos
+        DB has no transaction across partitions).
+        """
         created = updated = unchanged = 0
         with ThreadPoolExecutor(self._write_concurrency, "cosmos-upsert") as pool:
             for chunk in _chunks(documents, _CHUNK):

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -27,7 +28,7 @@ from azure.cosmos import CosmosClient
 from sslpipe.filters import ImageFilter
 from sslpipe.stores import StoreError, open_metadata_store
 from sslpipe.stores import cosmos as cosmos_module
-from sslpipe.stores.base import UpsertReport
+from sslpipe.stores.base import MetadataStore, UpsertReport
 from sslpipe.stores.cosmos import (
     KEY_ENV,
     SYSTEM_FIELDS,
@@ -40,6 +41,10 @@ from sslpipe.stores.cosmos import (
     verify_tls_for,
 )
 from sslpipe.stores.cosmos_udf import UDF_BODY, UDF_ID
+from sslpipe.stores.sqlite import SQLiteMetadataStore
+
+# The local server's certificate is self-signed; unverified TLS to loopback is intended.
+pytestmark = pytest.mark.filterwarnings("ignore:Unverified HTTPS request is being made to host")
 
 FAST_RETRY = RetrySettings(total=1, backoff_max_s=2, connect=1, read=1, backoff_factor=0.05)
 
@@ -267,7 +272,7 @@ def store(open_store: Any) -> CosmosMetadataStore:
     return result
 
 
-def _ids(store: CosmosMetadataStore, image_filter: ImageFilter) -> list[str]:
+def _ids(store: MetadataStore, image_filter: ImageFilter) -> list[str]:
     return [d["id"] for d in store.select(image_filter)]
 
 
@@ -283,8 +288,9 @@ def test_from_uri_takes_the_key_from_the_environment_and_keeps_it_out_of_sight(
         assert opened.uri == uri and opened.use_udf and opened.verify_tls is False
         assert opened.upsert([doc("a")]) == UpsertReport(created=1)
         assert cosmos_server["key"] not in opened.uri + repr(opened)
-    with CosmosMetadataStore.from_uri(uri.replace("?filter=udf", "")) as again:
-        assert again.count() == 1 and not again.use_udf
+    again = CosmosMetadataStore.from_uri(uri.replace("?filter=udf", ""))
+    assert again.count() == 1 and not again.use_udf
+    again.close()
 
 
 @pytest.mark.servers
@@ -336,8 +342,9 @@ def test_tls_verification_is_off_for_ipv6_loopback(
     """The SDK itself skips verification only for localhost and 127.0.0.1, not for ::1."""
     port = urlparse(cosmos_server["endpoint"]).port
     uri = f"cosmos://[::1]:{port}/{cosmos_database}/ipv6"
-    with CosmosMetadataStore.from_uri(uri, credential=cosmos_server["key"]) as opened:
-        assert opened.verify_tls is False and opened.count() == 0
+    opened = CosmosMetadataStore.from_uri(uri, credential=cosmos_server["key"])
+    assert opened.verify_tls is False and opened.count() == 0
+    opened.close()
 
 
 @pytest.mark.servers
@@ -448,6 +455,33 @@ def test_label_values_never_alter_the_query(store: CosmosMetadataStore) -> None:
     for i, label in enumerate(TRICKY):
         assert _ids(store, ImageFilter(include_labels=[[label]])) == [f"d{i:02d}"]
     assert store.count() == len(TRICKY)
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize(
+    ("annotator_ids", "distinct"),
+    [
+        ([701, "701"], 1),
+        ([None, "<missing>", "None"], 1),
+        ([True, "True"], 1),
+        ([True, 1], 2),
+        ([0, False, "0"], 2),
+        (["anna", "Anna", 702, None], 4),
+    ],
+)
+def test_annotators_are_told_apart_by_their_text_like_sqlite(
+    store: CosmosMetadataStore, tmp_path: Path, annotator_ids: list[Any], distinct: int
+) -> None:
+    annotations = [
+        {"taxonomy": [["A"]]} if a == "<missing>" else {"annotator_id": a, "taxonomy": [["A"]]}
+        for a in annotator_ids
+    ]
+    document = {"id": "a", "sortout": "Keep", "labels_with_taxonomy": annotations}
+    with SQLiteMetadataStore(tmp_path / "reference.db") as reference:
+        for backend in (store, reference):
+            backend.upsert([document])
+            assert _ids(backend, ImageFilter(min_annotators=distinct)) == ["a"]
+            assert _ids(backend, ImageFilter(min_annotators=distinct + 1)) == []
 
 
 @pytest.mark.servers

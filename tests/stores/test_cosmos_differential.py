@@ -25,6 +25,9 @@ from sslpipe.filters import ImageFilter
 from sslpipe.stores.cosmos import CosmosMetadataStore, install_udf
 from sslpipe.stores.sqlite import SQLiteMetadataStore
 
+# The local server's certificate is self-signed; unverified TLS to loopback is intended.
+pytestmark = pytest.mark.filterwarnings("ignore:Unverified HTTPS request is being made to host")
+
 LEVELS = [
     "A",
     "AB",
@@ -51,19 +54,19 @@ levels = st.one_of(st.sampled_from(COMMON), st.sampled_from(COMMON), st.sampled_
 paths = st.lists(levels, min_size=1, max_size=3)
 prefixes = st.lists(levels, min_size=1, max_size=2)
 mistyped_paths = st.sampled_from([[], [1], ["A", None], ["A", ["B"]], "A/B", 5, None, {"A": 1}])
-taxonomies = st.one_of(
+taxonomies: st.SearchStrategy[Any] = st.one_of(
     st.lists(st.one_of(paths, paths, paths, mistyped_paths), max_size=3),
     st.sampled_from([5, "A/B", None, {}]),
 )
 annotation_objects = st.fixed_dictionaries(
     {}, optional={"annotator_id": st.sampled_from(ANNOTATORS), "taxonomy": taxonomies}
 )
-annotations = st.one_of(
+any_annotations = st.one_of(
     annotation_objects, annotation_objects, annotation_objects, st.sampled_from([5, None, "x", []])
 )
 labels = st.one_of(
-    st.lists(annotations, max_size=4),
-    st.lists(annotations, max_size=4),
+    st.lists(any_annotations, max_size=4),
+    st.lists(any_annotations, max_size=4),
     st.sampled_from(["Even/2", 5, None, {"annotator_id": 1, "taxonomy": [["A"]]}]),
 )
 bodies = st.fixed_dictionaries(
@@ -116,7 +119,7 @@ class CosmosPair:
         """Delete every document (between examples)."""
         query = "SELECT VALUE c.id FROM c"
         for doc_id in list(self.raw.query_items(query, enable_cross_partition_query=True)):
-            self.raw.delete_item(doc_id, partition_key=doc_id)
+            self.raw.delete_item(str(doc_id), partition_key=str(doc_id))
 
     def close(self) -> None:
         self.sql.close()

@@ -49,10 +49,16 @@ def _cosmos_udf_store(folder: Path, request: pytest.FixtureRequest) -> MetadataS
     return _cosmos_store(folder, request, udf=True)
 
 
+# The local server's certificate is self-signed; unverified TLS to loopback is intended.
+_LOCAL_SERVER = [
+    pytest.mark.servers,
+    pytest.mark.filterwarnings("ignore:Unverified HTTPS request is being made to host"),
+]
+
 METADATA_STORE_FACTORIES = [
     pytest.param(_sqlite_store, id="sqlite"),
-    pytest.param(_cosmos_store, id="cosmos", marks=pytest.mark.servers),
-    pytest.param(_cosmos_udf_store, id="cosmos-udf", marks=pytest.mark.servers),
+    pytest.param(_cosmos_store, id="cosmos", marks=_LOCAL_SERVER),
+    pytest.param(_cosmos_udf_store, id="cosmos-udf", marks=_LOCAL_SERVER),
 ]
 
 
@@ -241,7 +247,7 @@ def test_a_document_without_a_text_id_is_refused(metadata_store: MetadataStore, 
 def test_documents_with_mistyped_fields_are_stored_without_crashing(
     metadata_store: MetadataStore,
 ) -> None:
-    mistyped = [
+    mistyped: list[dict[str, Any]] = [
         {"id": "m1", "sortout": "Keep", "is_blurred": "yes", "has_review": 1},
         {"id": "m2", "sortout": "Keep", "labels_with_taxonomy": "Even/2"},
         {"id": "m3", "sortout": "Keep", "labels_with_taxonomy": [5, {"annotator_id": 1}]},
