@@ -22,8 +22,8 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
+from sslpipe.cli_parser import OneLineErrorParser
 from sslpipe.config import ConfigError, PipelineConfig, load_config
 from sslpipe.ingest import IngestError, ingest_folder
 from sslpipe.logs import log_to_stderr
@@ -31,29 +31,29 @@ from sslpipe.stores import StoreError, open_blob_store, open_metadata_store
 from sslpipe.uris import redact_uri
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="a YAML configuration file")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one configuration key (repeatable), e.g. stores.metadata_uri=cosmos://…",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m sslpipe", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineErrorParser(prog="python -m sslpipe", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
     ingest = commands.add_parser(
         "ingest", help="load a folder of images and a JSON-lines file of documents"
     )
     ingest.add_argument("--images", type=Path, required=True, help="folder of image files")
     ingest.add_argument(
-        "--documents", type=Path, required=True,
+        "--documents",
+        type=Path,
+        required=True,
         help="JSON lines, one metadata document per image; its 'id' is the image's file name",
     )
     ingest.add_argument("--concurrency", type=int, default=16, help="parallel blob uploads")

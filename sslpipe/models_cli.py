@@ -24,10 +24,12 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from sslpipe.cli_parser import OneLineErrorParser
 
 DEFAULT_TRACKING_URI = "sqlite:///.sslpipe/mlflow.db"
 IMAGE_SUFFIXES = frozenset(
@@ -49,28 +51,22 @@ class UsageError(Exception):
     """A bad argument: reported as one line, exit code 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
+    common = OneLineErrorParser(add_help=False)
     common.add_argument(
         "--tracking-uri",
         default=argparse.SUPPRESS,
         help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI or "
         f"{DEFAULT_TRACKING_URI})",
     )
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog="python -m sslpipe",
         description="Promote registered models, predict labels and compute embeddings.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
 
     promote = commands.add_parser(
         "promote", parents=[common], help="set an alias (default: production) on a model version"

@@ -25,9 +25,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import unquote, urlparse
 
+from sslpipe.cli_parser import OneLineErrorParser
 from sslpipe.labelstudio.client import URL_ENV
 from sslpipe.labelstudio.tasks import DEFAULT_IMAGE_ID_FIELD
 from sslpipe.models_cli import UsageError
@@ -43,12 +44,6 @@ exit codes: 0 success, 1 Label Studio, a store or the registry failed, 2 bad arg
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--project", type=int, required=True, help="Label Studio project id")
     parser.add_argument("--url", help=f"Label Studio URL (default: ${URL_ENV})")
@@ -62,13 +57,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog="python -m sslpipe",
         description="Sync Label Studio labels into the metadata store; push predictions back.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
     sync = commands.add_parser(
         "sync-labels", help="set the documents' labels from a project's annotations"
     )

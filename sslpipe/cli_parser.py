@@ -1,0 +1,15 @@
+"""The argument parser of the ``python -m sslpipe`` commands: usage errors are one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Reports a bad argument as ``error: ... (see PROG --help)`` on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
