@@ -16,6 +16,7 @@ def main(args: dict[str, Any]) -> None:
         checkpoint_dir=args["checkpoint"],
         config=config,
         resume=args["resume"],
+        skip_unchanged=args["skip_unchanged"],
     )
 
 

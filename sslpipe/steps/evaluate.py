@@ -14,6 +14,10 @@ Outputs (``output_dir``):
     report.md                  data, model lineage, the table, the gate decision (and baseline)
     registered_model.json      {name, version, uri, run_id, alias} when registered
 
+When classifier_train skipped training (the retraining guard left ``skipped.json`` instead of
+a classifier), the output is that ``skipped.json`` and a ``report.md`` that says so; nothing is
+evaluated or registered, and the registered version stays.
+
 Every number comes from scikit-learn (``classification_report(output_dict=True,
 zero_division=0)`` and ``confusion_matrix``), so the metrics equal scikit-learn's by
 construction. The quality gate decides the ``candidate`` alias; it never fails the step.
@@ -47,6 +51,7 @@ from sslpipe.registry import (
     register_classifier,
     set_alias,
 )
+from sslpipe.retrain_guard import SKIPPED_FILE, read_skipped
 from sslpipe.serving.classifier import ClassifierPredictor
 
 log = get_logger("evaluate")
@@ -437,6 +442,9 @@ def run_evaluate(
         false, else ``{name, version, uri, run_id, alias}`` (alias None below the gate).
     """
     model_dir, data_dir, output_dir = Path(model_dir), Path(data_dir), Path(output_dir)
+    skipped_training = read_skipped(model_dir)
+    if skipped_training is not None:
+        return _report_skipped_training(output_dir, skipped_training)
     if register:
         try:
             parse_reference(f"{model_name}/1")
@@ -552,6 +560,21 @@ def run_evaluate(
     else:
         log.warning("quality gate %s", sentence)
     return {"metrics": metrics, "gate": gate, "registered": registered}
+
+
+def _report_skipped_training(output_dir: Path, skipped: dict[str, Any]) -> dict[str, Any]:
+    """The outputs of an evaluation without a new model: the guard's record and a report."""
+    previous = skipped.get("previous") or {}
+    kept = f"`{previous['uri']}`" if previous.get("uri") else "the registered version"
+    write_json(output_dir / SKIPPED_FILE, skipped)
+    with atomic_open(output_dir / "report.md") as f:
+        f.write(
+            "# Classifier evaluation\n\n"
+            f"**Training skipped: {_cell(skipped['reason'])}.** Nothing was evaluated or "
+            f"registered; {kept} stays the latest version.\n"
+        )
+    log.info("nothing to evaluate: training was skipped (%s)", skipped["reason"])
+    return {"metrics": None, "gate": None, "registered": None, "skipped": skipped["reason"]}
 
 
 def _write_outputs(

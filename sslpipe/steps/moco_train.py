@@ -18,10 +18,10 @@ monitor and the model, and registers it; every process resumes from rank 0's che
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from sslpipe import distributed
+from sslpipe import distributed, retrain_guard
 from sslpipe.backbone_io import save_backbone
 from sslpipe.config import MocoConfig
 from sslpipe.io import atomic_path, read_csv, read_optional_json, write_json
@@ -51,7 +51,12 @@ from sslpipe.moco import (
     leave_one_out_knn_top1,
     moco_v2_transform,
 )
-from sslpipe.registry import configure_tracking, parent_run_tags, register_backbone
+from sslpipe.registry import (
+    configure_tracking,
+    download_model,
+    parent_run_tags,
+    register_backbone,
+)
 
 log = get_logger("moco_train")
 
@@ -325,8 +330,41 @@ def _plot_losses(path: Path, losses: list[float], knn: list[float]) -> None:
     plt.close(fig)
 
 
-def _fingerprint(manifest_path: Path) -> str:
-    return hashlib.sha256(manifest_path.read_bytes()).hexdigest()[:16]
+def _setup_fingerprint(config: MocoConfig) -> str:
+    """What determines the backbone besides the data: every setting but the worker count."""
+    return retrain_guard.setup_fingerprint(config.model_dump(mode="json", exclude={"num_workers"}))
+
+
+def _reuse_registered(model_dir: Path, decision: retrain_guard.GuardDecision) -> None:
+    """Fill ``model_dir`` with the registered backbone that stays, so later steps can use it."""
+    assert decision.previous is not None
+    folder = download_model(f"{decision.previous['name']}/{decision.previous['version']}")
+    found = [p.parent for p in folder.rglob("backbone.json")]
+    if not found:
+        raise ValueError(f"{decision.previous['uri']} holds no backbone.json to reuse")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for path in found[0].iterdir():
+        if path.is_file() and path.name != "registered_model.json":
+            with atomic_path(model_dir / path.name) as tmp:
+                shutil.copyfile(path, tmp)
+    retrain_guard.write_skipped(model_dir, decision, step="moco_train")
+
+
+def _guard(data_dir: Path, model_dir: Path, config: MocoConfig, main: bool) -> str | None:
+    """The reason to skip training (model_dir then holds the kept backbone), or None to train."""
+    configure_tracking()  # the registry lives where tracking points
+    decision = retrain_guard.decide(
+        config.model_name,
+        data=retrain_guard.data_fingerprint(data_dir),
+        setup=_setup_fingerprint(config),
+    )
+    if not decision.skip:
+        log.info("retraining: %s", decision.reason)
+        return None
+    log.info("SKIPPING TRAINING: %s; the registered backbone stays", decision.reason)
+    if main:
+        _reuse_registered(model_dir, decision)
+    return decision.reason
 
 
 def run_moco_train(
@@ -337,9 +375,15 @@ def run_moco_train(
     config: MocoConfig,
     resume: bool = True,
     register: bool = True,
+    skip_unchanged: bool = False,
     env: distributed.DistEnv | None = None,
 ) -> dict[str, Any]:
     """Pre-train, checkpoint every epoch, write the backbone folder and register it.
+
+    With ``skip_unchanged`` (the retraining guard, :mod:`sslpipe.retrain_guard`), nothing is
+    trained when the data and settings equal those of the latest registered version of
+    ``config.model_name``: ``model_dir`` then receives that version's files and
+    ``skipped.json``, and the result's ``skipped`` says why.
 
     Runs in one process, or in each of ``config.nodes x config.processes_per_node`` processes
     started by torchrun or Azure ML (``env``: default, read from the environment). Every
@@ -358,6 +402,10 @@ def run_moco_train(
             f"with torchrun --nproc_per_node {config.processes_per_node} (the local executor "
             "does) or set nodes and processes_per_node to match"
         )
+    if skip_unchanged:
+        reason = _guard(Path(data_dir), Path(model_dir), config, env.is_main)
+        if reason is not None:
+            return {"metrics": None, "registered": None, "skipped": reason}
     with _quiet_unless_main(env), distributed.session(env) as device:
         result = _run(
             data_dir=data_dir,
@@ -515,7 +563,8 @@ def _run(
             "metadata_store": selection.get("metadata_store"),
             "num_images": len(manifest),
             "num_labelled": len(labelled),
-            "data_fingerprint": _fingerprint(data_dir / "manifest.csv"),
+            "data_fingerprint": retrain_guard.data_fingerprint(data_dir),
+            "setup_fingerprint": _setup_fingerprint(config),
             "mlflow_run_id": run.info.run_id,
             "pipeline_run_id": os.environ.get("SSLPIPE_RUN_ID"),
         }

@@ -25,6 +25,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 
 from sslpipe.component_cli import build_parser, load_spec, run_component
 from sslpipe.config import EvaluateConfig
+from sslpipe.retrain_guard import GuardDecision, write_skipped
 from sslpipe.steps.evaluate import compute_metrics, run_evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -303,3 +304,25 @@ def test_the_entry_point_runs_the_step(
         run_component(SPEC, main, [*argv, "--register", "false", "--data", str(tmp_path)])
     assert exited.value.code == 1
     assert "error: sslpipe_evaluate:" in capsys.readouterr().err
+
+
+def test_a_skipped_training_is_reported_and_nothing_is_registered(tmp_path: Path) -> None:
+    decision = GuardDecision(
+        True, "data d1 and setup s1 unchanged since models:/image-classifier/4", "d1", "s1",
+        {"name": "image-classifier", "version": "4", "uri": "models:/image-classifier/4"},
+    )
+    write_skipped(tmp_path / "model", decision, step="classifier_train")
+    with tracking_store(tmp_path) as uri:
+        result = run_evaluate(
+            model_dir=tmp_path / "model",
+            data_dir=make_data(tmp_path / "data"),
+            output_dir=tmp_path / "report",
+        )
+        assert MlflowClient(uri).search_registered_models() == []
+    assert result["registered"] is None and result["metrics"] is None
+    assert "unchanged since models:/image-classifier/4" in result["skipped"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "Training skipped" in report and "`models:/image-classifier/4` stays" in report
+    record = json.loads((tmp_path / "report" / "skipped.json").read_text())
+    assert record["data_fingerprint"] == "d1"
+    assert not (tmp_path / "report" / "registered_model.json").exists()

@@ -163,3 +163,39 @@ def test_resuming_with_a_different_configuration_is_refused(tmp_path: Path, trac
             config=MocoConfig(epochs=1, **{**SMALL, "lr": 0.1}),
             register=False,
         )
+
+
+def test_the_retraining_guard_keeps_the_registered_backbone_until_the_data_changes(
+    tmp_path: Path, tracking: str
+) -> None:
+    data = make_data(tmp_path / "data", count=48)
+    config = MocoConfig(epochs=1, **SMALL)
+
+    def train(name: str) -> dict:
+        return run_moco_train(
+            data_dir=data,
+            model_dir=tmp_path / name / "model",
+            checkpoint_dir=tmp_path / name / "checkpoint",
+            config=config,
+            skip_unchanged=True,
+        )
+
+    first = train("first")
+    assert first["registered"]["version"] == "1"
+    assert "skipped" not in first
+
+    second = train("second")  # same data, same settings: nothing is trained or registered
+    assert second["registered"] is None
+    assert "unchanged since models:/moco-backbone/1" in second["skipped"]
+    kept = tmp_path / "second" / "model"
+    assert json.loads((kept / "skipped.json").read_text())["previous"]["version"] == "1"
+    assert not (tmp_path / "second" / "checkpoint" / CHECKPOINT_FILE).exists()
+    # Later steps get the kept backbone itself, weight for weight.
+    first_weights = backbone_weights(tmp_path / "first" / "model")
+    kept_weights = backbone_weights(kept)
+    assert all(torch.equal(first_weights[k], kept_weights[k]) for k in first_weights)
+
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(data / "images" / "005.jpg")  # new pixels
+    third = train("third")
+    assert third["registered"]["version"] == "2"
+    assert not (tmp_path / "third" / "model" / "skipped.json").exists()
