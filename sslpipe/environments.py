@@ -172,7 +172,12 @@ def check_environments(*, pyproject: Path, root: Path) -> list[str]:
         if not path.is_file():
             drifts.append(f"{shown}: missing; run python -m sslpipe.environments pin")
             continue
-        drifts += [f"{shown}: {line}" for line in check_pins(requirements, read_pins(path))]
+        try:
+            pins = read_pins(path)
+        except ValueError as error:
+            drifts.append(str(error))
+            continue
+        drifts += [f"{shown}: {line}" for line in check_pins(requirements, pins)]
     return drifts
 
 

@@ -119,6 +119,17 @@ def test_a_pin_pyproject_does_not_name_is_reported(tmp_path: Path) -> None:
     ]
 
 
+def test_an_unreadable_pin_line_is_one_drift(tmp_path: Path) -> None:
+    for spec in ENVIRONMENTS:
+        target = requirements_path(spec, root=tmp_path)
+        target.parent.mkdir(parents=True)
+        shutil.copy(_path(spec), target)
+    cpu = requirements_path(ENVIRONMENTS[1], root=tmp_path)
+    cpu.write_text(cpu.read_text() + "numpy = 2\n")
+    (drift,) = check_environments(pyproject=PYPROJECT, root=tmp_path)
+    assert drift.startswith(f"{cpu}:") and "cannot parse 'numpy = 2'" in drift
+
+
 @pytest.mark.parametrize(
     ("pin", "problem"),
     [
