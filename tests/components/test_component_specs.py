@@ -75,11 +75,13 @@ def test_every_component_loads_with_azure_ml(name: str) -> None:
     assert set(component.outputs) == set(spec(name)["outputs"])
 
 
-def test_moco_train_inputs_are_exactly_the_moco_config_plus_data_and_resume() -> None:
+def test_moco_train_inputs_are_exactly_the_moco_config_plus_data_resume_and_the_guard() -> None:
     inputs = spec("moco_train")["inputs"]
-    assert set(inputs) == set(MocoConfig.model_fields) | {"data", "resume"}
+    assert set(inputs) == set(MocoConfig.model_fields) | {"data", "resume", "skip_unchanged"}
     assert inputs["data"]["type"] == "uri_folder"
     assert inputs["resume"]["type"] == "boolean"
+    guard = inputs["skip_unchanged"]
+    assert (guard["type"], guard["default"]) == ("boolean", False)
     assert_inputs_mirror(MocoConfig, inputs)
 
 
