@@ -27,7 +27,11 @@ def select_and_prepare(
     labelled: bool,
     suffix: str = "",
 ) -> Any:
-    """connect_db -> data_prep; returns the data_prep node (its output ``data``)."""
+    """connect_db -> data_prep; returns the data_prep node (its output ``data``).
+
+    With ``data_prep.nodes`` > 1 the data_prep node runs on that many machines, one process
+    each (PyTorch distribution, for the RANK and WORLD_SIZE it shards the ids by).
+    """
     labels = config.labels
     selection: dict[str, Any] = {"mode": "labelled" if labelled else "all"}
     if labelled:
@@ -53,7 +57,11 @@ def select_and_prepare(
         image_size=prep.image_size,
         concurrency=prep.concurrency,
         max_skipped_fraction=prep.max_skipped_fraction,
+        nodes=prep.nodes,
     )
+    if prep.nodes > 1:
+        data_prep.distribution = PyTorchDistribution(process_count_per_instance=1)
+        data_prep.resources = JobResourceConfiguration(instance_count=prep.nodes)
     return _named(data_prep, f"data_prep{suffix}")
 
 

@@ -47,6 +47,9 @@ class DataPrepConfig(_Section):
     max_skipped_fraction: float = Field(
         0.05, ge=0.0, le=1.0, description="fail when more images than this fraction are unusable"
     )
+    # Each node fetches the ids of its hash shard (sslpipe.steps.data_prep); more than one
+    # needs Azure ML (distribution pytorch, instance_count = nodes).
+    nodes: int = Field(1, ge=1, description="machines (Azure ML resources.instance_count)")
 
 
 class MocoConfig(_Section):

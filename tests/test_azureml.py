@@ -266,3 +266,32 @@ def test_cli_exits_2_with_one_error_line_per_problem(
     assert len(lines) == 2
     assert all(line.startswith("error: input ") for line in lines)
     assert not (tmp_path / "azureml").exists()
+
+
+@pytest.mark.parametrize("name", ["moco", "full"])
+def test_data_prep_runs_one_process_on_each_of_the_configured_nodes(
+    tmp_path: Path, name: str
+) -> None:
+    config = azure_config(tmp_path, "data_prep.nodes=4")
+    job = prepared(name, config)
+    assert azureml.validate_offline(job, config) == []
+    path = azureml.dry_run(job, config)
+
+    jobs = yaml.safe_load(path.read_text(encoding="utf-8"))["jobs"]
+    steps = [step for step in jobs if step.startswith("data_prep")]
+    assert steps == (["data_prep", "data_prep_labelled"] if name == "full" else ["data_prep"])
+    for step in steps:
+        assert jobs[step]["distribution"] == {"type": "pytorch", "process_count_per_instance": 1}
+        assert jobs[step]["resources"]["instance_count"] == 4
+        assert str(jobs[step]["inputs"]["nodes"]) == "4"  # checked against WORLD_SIZE
+    reloaded = load_job(path)
+    assert isinstance(reloaded, PipelineJob)
+    assert reloaded.jobs["data_prep"].resources.instance_count == 4
+
+
+def test_data_prep_on_one_node_has_no_distribution(
+    dumped: dict[str, tuple[Path, dict[str, Any]]],
+) -> None:
+    step = dumped["moco"][1]["jobs"]["data_prep"]
+    assert "distribution" not in step and "instance_count" not in step.get("resources", {})
+    assert str(step["inputs"]["nodes"]) == "1"

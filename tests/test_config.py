@@ -223,3 +223,11 @@ def test_a_distribution_the_queue_cannot_take_is_one_line_naming_the_key(
 
 def test_the_queue_need_not_take_whole_batches_in_one_process() -> None:
     assert load_config(overrides=["moco.queue_size=100"]).moco.queue_size == 100
+
+
+def test_data_prep_runs_on_one_node_unless_configured() -> None:
+    assert DataPrepConfig().nodes == 1
+    assert load_config(overrides=["data_prep.nodes=4"]).data_prep.nodes == 4
+    with pytest.raises(ConfigError, match=r"^invalid value for 'data_prep.nodes'") as err:
+        load_config(overrides=["data_prep.nodes=0"])
+    assert_one_line(err)

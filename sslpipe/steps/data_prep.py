@@ -17,16 +17,33 @@ Outputs (one folder):
     selection.json   copied from the input, for lineage
     labels.json      copied from the input when there (connect_db's labelled mode)
     stats.json       counts (downloaded and reused too), skipped per reason, seconds, images/s
+
+On several nodes (``nodes`` > 1, an Azure ML job with ``distribution: pytorch`` and
+``instance_count: nodes``) every node finds its RANK and WORLD_SIZE in the environment and
+fetches only its shard: the ids whose stable hash (:func:`shard_of`) is its rank. By hash
+rather than by position, so that an id keeps its shard when the id list changes and a re-run
+still finds its images where its node left them. All nodes write into the same (mounted)
+output folder; as ``manifest.csv`` cannot be written by several at once, each writes its part
+    parts/manifest-RRRRR-of-NNNNN.csv, parts/skipped-RRRRR-of-NNNNN.csv
+    parts/stats-RRRRR-of-NNNNN.json    written last: the shard is complete
+and then merges when it finds every part of the same run (:func:`_merge_parts`): the node
+that finishes last writes the outputs above for the whole selection, byte for byte as one node
+would, and checks ``max_skipped_fraction`` over the whole selection. Two nodes finishing
+together may both merge: the merge is deterministic and written atomically, so that is
+harmless. A part counts only when it belongs to the same run (a digest of the id list, the
+parameters and the launcher's run id, :data:`RUN_ID_VARIABLES`), so a node that failed or
+never started leaves no merged manifest behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +52,7 @@ from typing import Any
 import pandas as pd
 
 from sslpipe.images import UnusableImageError, decode_resized, encode_jpeg
-from sslpipe.io import atomic_path, read_csv, write_csv, write_json
+from sslpipe.io import atomic_path, read_csv, read_json, write_csv, write_json
 from sslpipe.logs import get_logger
 from sslpipe.stores import BlobStore, open_blob_store
 from sslpipe.stores.base import BlobNotFoundError, StoreError
@@ -49,10 +66,77 @@ MANIFEST_COLUMNS = ("id", "path", "label", "width", "height", "blob_path", "imag
 _NOT_PASSED = ("file_hash", *MANIFEST_COLUMNS)
 # Files of the selection folder copied into the output as they are.
 _COPIED = ("selection.json", "labels.json")
+# The counts of stats.json, summed over the nodes' parts.
+_COUNTS = ("requested", "prepared", "downloaded", "reused")
+RUN_ID_VARIABLES = ("AZUREML_RUN_ID", "TORCHELASTIC_RUN_ID")
+"""The launcher's id of the job, the same on every node (Azure ML, torchrun); the first set
+one tells a part of this run from one that an earlier run left in the output folder."""
 
 
 class TooManySkippedError(RuntimeError):
     """More images than allowed could not be used."""
+
+
+class DataPrepNodesError(ValueError):
+    """The launcher started another number of processes than ``data_prep.nodes``."""
+
+
+def shard_of(image_id: str, count: int) -> int:
+    """The shard of ``image_id`` among ``count``: its SHA-256, read as a number, modulo count.
+
+    The same on every machine and in every run (unlike ``hash``), and balanced: of n ids each
+    shard gets n / count, give or take a few times sqrt(n / count).
+    """
+    digest = hashlib.sha256(image_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This node's share of the id list: the ids of :func:`shard_of` ``rank`` of ``count``.
+
+    ``run`` names the run (the same on every node of it), so that the parts of this run are
+    told from those an earlier run left in the output folder. One node: the whole list.
+    """
+
+    rank: int = 0
+    count: int = 1
+    run: str = ""
+
+    def part(self, output_dir: Path, kind: str, rank: int | None = None) -> Path:
+        """The part file ``kind`` (manifest, skipped, stats) of this node or of ``rank``."""
+        number = self.rank if rank is None else rank
+        suffix = "json" if kind == "stats" else "csv"
+        return output_dir / "parts" / f"{kind}-{number:05d}-of-{self.count:05d}.{suffix}"
+
+
+def node_shard(nodes: int, fingerprint: str, environ: Mapping[str, str] | None = None) -> Shard:
+    """This node's shard, from the launcher's RANK and WORLD_SIZE (:class:`DistEnv`).
+
+    ``fingerprint`` stands for the id list and the parameters; with the launcher's run id
+    (:data:`RUN_ID_VARIABLES`) it names the run. No process group is joined: the nodes only
+    share the output folder.
+
+    Raises:
+        DataPrepNodesError: WORLD_SIZE is not ``nodes``.
+        DistributedEnvError: the launcher's variables contradict each other.
+    """
+    env = os.environ if environ is None else environ
+    if nodes == 1 and env.get("WORLD_SIZE", "").strip() in ("", "1"):
+        return Shard()  # no launcher: nothing to read (and no torch to import)
+    from sslpipe.distributed import DistEnv  # imports torch, only under a launcher
+
+    launcher = DistEnv.from_env(env)
+    if launcher.world_size != nodes:
+        raise DataPrepNodesError(
+            f"data_prep is configured for {nodes} node(s) (data_prep.nodes) but the launcher "
+            f"started {launcher.world_size} process(es) (WORLD_SIZE); run it with distribution "
+            "pytorch, one process per node on data_prep.nodes instances (as the pipeline does), "
+            f"or set data_prep.nodes={launcher.world_size}"
+        )
+    run_id = next((env[name] for name in RUN_ID_VARIABLES if env.get(name, "none") != "none"), "")
+    run = hashlib.sha256(f"{run_id}\n{fingerprint}".encode()).hexdigest()[:16]
+    return Shard(launcher.rank, nodes, run)
 
 
 @dataclass(frozen=True)
@@ -82,12 +166,11 @@ class Previous:
     etag: str
 
 
-def _previous_images(output_dir: Path) -> dict[str, Previous]:
+def _previous_images(output_dir: Path, manifest_path: Path) -> dict[str, Previous]:
     """The images of the last finished run in ``output_dir`` by id, as its manifest lists them,
     keeping only those whose file is still as that run left it (a failed run since then may
     have replaced some: those are newer than the manifest). Empty when there is no manifest or
-    it predates ETags."""
-    manifest_path = output_dir / "manifest.csv"
+    it predates ETags. ``manifest_path`` is manifest.csv, or on several nodes a node's part."""
     if not manifest_path.is_file():
         return {}
     frame = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
@@ -199,6 +282,8 @@ def run_data_prep(
     image_size: int,
     concurrency: int = 16,
     max_skipped_fraction: float = 0.05,
+    nodes: int = 1,
+    environ: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Fetch and resize every image in ``ids_dir/ids.csv``; returns the stats.
 
@@ -206,11 +291,22 @@ def run_data_prep(
     unchanged (see the module docstring); ``stats["downloaded"]`` and ``stats["reused"]`` count
     both kinds.
 
+    With ``nodes`` > 1 this node fetches only its shard, found in the launcher's variables in
+    ``environ`` (default ``os.environ``; see :func:`node_shard`), and writes its parts; the
+    node that completes the set merges them (module docstring). The stats returned are those
+    of the whole selection when this call merged, else those of its shard (with ``rank``).
+
     Raises:
-        TooManySkippedError: when the skipped share exceeds ``max_skipped_fraction``; the
-            skipped list is still written so the cause can be inspected.
+        TooManySkippedError: when the skipped share of the whole selection exceeds
+            ``max_skipped_fraction``; the skipped list is still written so the cause can be
+            inspected. On several nodes it is raised by the merge (every node that merges).
+        DataPrepNodesError: the launcher started another number of processes than ``nodes``.
     """
-    table = read_csv(ids_dir / "ids.csv", required=("id", "blob_path"))
+    ids_path = ids_dir / "ids.csv"
+    table = read_csv(ids_path, required=("id", "blob_path"))
+    fingerprint = hashlib.sha256(ids_path.read_bytes())
+    fingerprint.update(f"{redact_uri(blob_uri)}\n{image_size}\n{nodes}".encode())
+    shard = node_shard(nodes, fingerprint.hexdigest(), environ)
     if "label" not in table.columns:
         table["label"] = ""
     try:
@@ -218,31 +314,48 @@ def run_data_prep(
     except StoreError as err:
         raise StoreError(f"data_prep cannot open the blob store: {err}") from None
     output_dir.mkdir(parents=True, exist_ok=True)
+    mine = table
+    if shard.count > 1:
+        owned = [shard_of(str(image_id), shard.count) == shard.rank for image_id in table["id"]]
+        mine = table[owned]
+        log.info("node %d of %d: %d of %d ids are its shard", shard.rank, shard.count,
+                 len(mine), len(table))  # fmt: skip
     log.info(
-        "fetching %d images from %s (concurrency %d)", len(table), redact_uri(blob_uri), concurrency
+        "fetching %d images from %s (concurrency %d)", len(mine), redact_uri(blob_uri), concurrency
     )
     started = time.perf_counter()
-    rows = iter(table[["id", "blob_path", "label"]].to_dict("records"))
-    previous = _previous_images(output_dir)
+    rows = iter(mine[["id", "blob_path", "label"]].to_dict("records"))
+    previous = _previous_images(output_dir, output_dir / "manifest.csv")
+    if shard.count > 1:
+        # This node's part of an earlier run, which may never have been merged (another node
+        # failed); it is no longer complete from here on (the stats first).
+        previous |= _previous_images(output_dir, shard.part(output_dir, "manifest"))
+        for kind in ("stats", "manifest", "skipped"):
+            shard.part(output_dir, kind).unlink(missing_ok=True)
     if previous:
         log.info("%d images of the previous run may be reused", len(previous))
     outcomes = asyncio.run(_fetch_all(store, rows, output_dir, image_size, concurrency, previous))
     seconds = time.perf_counter() - started
     extra = table[["id", *(c for c in table.columns if c not in _NOT_PASSED)]]
-    return _write_outputs(
-        outcomes, extra, ids_dir, output_dir, image_size, seconds, max_skipped_fraction
-    )
+    manifest, skipped, stats = _tables(outcomes, extra, image_size, seconds)
+    if shard.count == 1:
+        return _finish(manifest, skipped, stats, ids_dir, output_dir, max_skipped_fraction)
+    _log_stats(stats, f"node {shard.rank} of {shard.count}: ")
+    stats |= {"rank": shard.rank, "nodes": shard.count, "run": shard.run}
+    write_csv(shard.part(output_dir, "manifest"), manifest)
+    write_csv(shard.part(output_dir, "skipped"), skipped)
+    write_json(shard.part(output_dir, "stats"), stats)  # last: the part is complete
+    merged = _merge_parts(output_dir, shard)
+    if merged is None:
+        return stats
+    log.info("every shard of the run is complete: merging the %d parts", shard.count)
+    return _finish(*merged, ids_dir, output_dir, max_skipped_fraction)
 
 
-def _write_outputs(
-    outcomes: list[Outcome],
-    extra: pd.DataFrame,
-    ids_dir: Path,
-    output_dir: Path,
-    image_size: int,
-    seconds: float,
-    max_skipped: float,
-) -> dict[str, Any]:
+def _tables(
+    outcomes: list[Outcome], extra: pd.DataFrame, image_size: int, seconds: float
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """The manifest, the skipped list and the stats of ``outcomes``, sorted by id."""
     outcomes.sort(key=lambda o: o.id)
     good = [o for o in outcomes if o.reason is None]
     bad = [o for o in outcomes if o.reason is not None]
@@ -266,31 +379,87 @@ def _write_outputs(
         "seconds": round(seconds, 3),
         "images_per_s": round(len(outcomes) / seconds, 1) if seconds > 0 else None,
     }
-    write_csv(output_dir / "skipped.csv", skipped)
-    for name in _COPIED:
-        if (ids_dir / name).is_file():
-            shutil.copyfile(ids_dir / name, output_dir / name)
-        else:
-            (output_dir / name).unlink(missing_ok=True)  # left by an earlier run
-    write_json(output_dir / "stats.json", stats)
+    return manifest, skipped, stats
+
+
+def _merge_parts(
+    output_dir: Path, shard: Shard
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]] | None:
+    """The whole selection's manifest, skipped list and stats from the parts of ``shard.run``,
+    as one node would have made them; None while a part of this run is missing."""
+    parts = []
+    for rank in range(shard.count):
+        path = shard.part(output_dir, "stats", rank)
+        part = read_json(path) if path.is_file() else {}
+        if part.get("run") != shard.run:
+            log.info("node %d of %d has not finished yet: the last node to finish merges",
+                     rank, shard.count)  # fmt: skip
+            return None
+        parts.append(part)
+
+    def union(kind: str) -> pd.DataFrame:
+        frames = [
+            pd.read_csv(shard.part(output_dir, kind, rank), dtype=str, keep_default_na=False)
+            for rank in range(shard.count)
+        ]
+        return pd.concat(frames, ignore_index=True).sort_values("id", kind="stable")
+
+    seconds = max(part["seconds"] for part in parts)  # the nodes ran side by side
+    skipped: Counter[str] = Counter()
+    for part in parts:
+        skipped.update(part["skipped"])
+    totals = {key: sum(part[key] for part in parts) for key in _COUNTS}
+    stats = {
+        **totals,
+        "skipped": dict(sorted(skipped.items())),
+        "seconds": seconds,
+        "images_per_s": round(totals["requested"] / seconds, 1) if seconds > 0 else None,
+        "nodes": shard.count,
+    }
+    return union("manifest"), union("skipped"), stats
+
+
+def _log_stats(stats: dict[str, Any], node: str = "") -> None:
     log.info(
-        "prepared %d of %d images (%d downloaded, %d reused) in %.1f s (%.1f images/s); "
+        "%sprepared %d of %d images (%d downloaded, %d reused) in %.1f s (%.1f images/s); "
         "skipped: %s",
-        len(good),
-        len(outcomes),
+        node,
+        stats["prepared"],
+        stats["requested"],
         stats["downloaded"],
         stats["reused"],
-        seconds,
+        stats["seconds"],
         stats["images_per_s"] or 0.0,
         stats["skipped"] or "none",
     )
-    fraction = len(bad) / max(1, len(outcomes))
-    if fraction > max_skipped or not good:
-        listing = "; ".join(f"{o.id}: {o.reason}" for o in bad[:20])
+
+
+def _finish(
+    manifest: pd.DataFrame,
+    skipped: pd.DataFrame,
+    stats: dict[str, Any],
+    ids_dir: Path,
+    output_dir: Path,
+    max_skipped: float,
+) -> dict[str, Any]:
+    """Write the outputs of the whole selection, the manifest last, unless too many skipped."""
+    write_csv(output_dir / "skipped.csv", skipped)
+    for name in _COPIED:
+        if (ids_dir / name).is_file():
+            with atomic_path(output_dir / name) as tmp:  # two merging nodes may copy at once
+                shutil.copyfile(ids_dir / name, tmp)
+        else:
+            (output_dir / name).unlink(missing_ok=True)  # left by an earlier run
+    write_json(output_dir / "stats.json", stats)
+    _log_stats(stats)
+    requested, bad = stats["requested"], len(skipped)
+    fraction = bad / max(1, requested)
+    if fraction > max_skipped or manifest.empty:
+        listing = "; ".join(f"{row.id}: {row.reason}" for row in skipped.head(20).itertuples())
         raise TooManySkippedError(
-            f"{len(bad)} of {len(outcomes)} images ({fraction:.1%}) could not be used, more than "
+            f"{bad} of {requested} images ({fraction:.1%}) could not be used, more than "
             f"the allowed {max_skipped:.1%} (data_prep.max_skipped_fraction): {listing}"
-            f"{' …' if len(bad) > 20 else ''}; full list in {output_dir / 'skipped.csv'}"
+            f"{' …' if bad > 20 else ''}; full list in {output_dir / 'skipped.csv'}"
         )
     # The manifest is written last: its presence means the step finished.
     write_csv(output_dir / "manifest.csv", manifest)
