@@ -9,6 +9,7 @@ Format ``sslpipe.backbone/v1``::
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,27 @@ def write_model_folder(
         torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, tmp)
     write_json(folder / config_file, config)
     return config
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict saved by :func:`write_model_folder`, read with ``weights_only=True``.
+
+    Raises:
+        ValueError: when the file holds anything but tensors and plain containers (a pickled
+            object's code is never run), or is no torch file at all.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = (str(err).strip().splitlines() or ["no reason given"])[0]
+        raise ValueError(
+            f"{path}: refusing to load: not a tensors-only weights file ({first[:200]})"
+        ) from None
+    except (RuntimeError, EOFError) as err:  # torch's own messages for a truncated or foreign file
+        raise ValueError(f"{path}: not a torch weights file ({err})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state_dict, found {type(state).__name__}")
+    return state
 
 
 def preprocessing(image_size: int) -> dict[str, Any]:
@@ -72,7 +94,7 @@ def load_backbone_dir(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     """
     config = read_folder_config(folder, CONFIG_FILE, BACKBONE_FORMAT, "backbone")
     backbone, _ = build_backbone(BackboneSpec.from_dict(config["backbone"]))
-    state = torch.load(Path(folder) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    state = load_weights(Path(folder) / WEIGHTS_FILE)
     try:
         backbone.load_state_dict(state)
     except RuntimeError as err:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sslpipe.demo import DemoImage
+from sslpipe.metadata import describe_invalid, validate_document
 from sslpipe.stores.base import BlobStore, MetadataStore, UpsertReport
 from sslpipe.stores.local_blob import safe_blob_path
 
@@ -105,32 +106,65 @@ def ingest_images(
     return UpsertReport(created=total.created, updated=total.updated, unchanged=total.unchanged)
 
 
-def read_documents(path: Path) -> Iterator[dict[str, Any]]:
-    """The documents of a JSON-lines file, one object per non-blank line.
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
-    Raises:
-        IngestError: naming the line when it is not a JSON object with a non-empty string
-            ``id`` (the image's blob name).
-    """
+
+def _parse_line(raw: bytes, where: str, *, first: bool) -> dict[str, Any]:
+    """One line's document; IngestError naming ``where`` when it is not a usable JSON object."""
     try:
-        handle = path.open(encoding="utf-8")
+        # A byte-order mark (some Windows editors write one) may start the file, nowhere else.
+        line = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as err:
+        raise IngestError(
+            f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+            "save the file as UTF-8"
+        ) from None
+    try:
+        document = json.loads(line, parse_constant=_no_constant)
+    except json.JSONDecodeError as err:
+        raise IngestError(f"{where}: not valid JSON ({err.msg})") from None
+    except ValueError as err:  # NaN, Infinity: Python extensions that JSON and Cosmos DB refuse
+        raise IngestError(f"{where}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise IngestError(f"{where}: not valid JSON (nested too deeply)") from None
+    if not isinstance(document, dict):
+        raise IngestError(f"{where}: expected a JSON object, found {type(document)}")
+    doc_id = document.get("id")
+    if not isinstance(doc_id, str) or not doc_id.strip():
+        raise IngestError(f"{where}: the document has no string 'id' (the blob name)")
+    try:
+        # A \ud800 escape without its pair is valid JSON but no Unicode text: no store takes it.
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise IngestError(
+            f"{where}: the text has an unpaired surrogate escape (e.g. \\ud800), not valid Unicode"
+        ) from None
+    return document
+
+
+def _numbered_documents(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``("file:line", document)`` for every non-blank line of a JSON-lines file."""
+    try:
+        handle = path.open("rb")
     except OSError as err:
         raise IngestError(f"cannot read the documents file {path}: {err.strerror}") from None
     with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                document = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise IngestError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(document, dict):
-                raise IngestError(f"{where}: expected a JSON object, found {type(document)}")
-            doc_id = document.get("id")
-            if not isinstance(doc_id, str) or not doc_id.strip():
-                raise IngestError(f"{where}: the document has no string 'id' (the blob name)")
-            yield document
+        for number, raw in enumerate(handle, start=1):
+            if raw.strip():
+                yield f"{path}:{number}", _parse_line(raw, f"{path}:{number}", first=number == 1)
+
+
+def read_documents(path: Path) -> Iterator[dict[str, Any]]:
+    """The documents of a JSON-lines file (UTF-8), one object per non-blank line.
+
+    Raises:
+        IngestError: naming the line when it is not UTF-8, not a JSON object (NaN and
+            Infinity are not JSON) with a non-empty string ``id`` (the image's blob name), or
+            has text that is not valid Unicode.
+    """
+    for _, document in _numbered_documents(path):
+        yield document
 
 
 def validate_documents(path: Path) -> int:
@@ -139,12 +173,28 @@ def validate_documents(path: Path) -> int:
     Raises:
         IngestError: on the first bad line, or on an id that occurs twice.
     """
-    seen: set[str] = set()
-    for document in read_documents(path):
-        if document["id"] in seen:
-            raise IngestError(f"{path}: the id {document['id']!r} occurs more than once")
-        seen.add(document["id"])
+    seen: dict[str, str] = {}
+    for where, document in _numbered_documents(path):
+        doc_id = document["id"]
+        if doc_id in seen:
+            raise IngestError(f"{where}: the id {doc_id!r} occurs more than once ({seen[doc_id]})")
+        seen[doc_id] = where
     return len(seen)
+
+
+def _valid_documents(
+    numbered: list[tuple[str, dict[str, Any]]], report: IngestReport
+) -> list[dict[str, Any]]:
+    """The documents whose fields have the types the pipeline reads; the others are skipped
+    and reported with their line and the reason (``invalid:<field>``)."""
+    valid = []
+    for where, document in numbered:
+        _, reason = validate_document(document)
+        if reason is None:
+            valid.append(document)
+        else:
+            report.skip(document["id"], reason, f"{where}: {describe_invalid(document)}")
+    return valid
 
 
 def _load_blobs(
@@ -181,8 +231,9 @@ def ingest_folder(
     """Load ``documents_path`` (JSON lines) and the images they name from ``images_dir``.
 
     A document's ``id`` is its image's blob name and its file name under ``images_dir``. The
-    whole documents file is validated before anything is written. A document whose image is
-    missing, empty or has an unsafe name is skipped and reported, not stored.
+    whole documents file is validated before anything is written. A document whose fields have
+    the wrong types (see :class:`sslpipe.metadata.ImageDocument`), or whose image is missing,
+    empty or has an unsafe name, is skipped and reported with the reason, not stored.
 
     Raises:
         IngestError: when the documents file is unreadable, has a bad line or a repeated id.
@@ -194,8 +245,9 @@ def ingest_folder(
 
     async def run() -> None:
         try:
-            for chunk in _chunks(read_documents(documents_path), CHUNK):
-                blobs, kept = _load_blobs(images_dir, chunk, report)
+            for chunk in _chunks(_numbered_documents(documents_path), CHUNK):
+                documents = _valid_documents(chunk, report)
+                blobs, kept = _load_blobs(images_dir, documents, report)
                 await _upload(blob_store, blobs, concurrency)
                 report.blobs_written += len(blobs)
                 report.add(metadata_store.upsert(kept))

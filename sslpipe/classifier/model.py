@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sslpipe.backbone_io import preprocessing, write_model_folder
+from sslpipe.backbone_io import load_weights, preprocessing, write_model_folder
 from sslpipe.io import read_folder_config
 from sslpipe.moco.backbone import BackboneSpec, build_backbone
 
@@ -101,7 +101,7 @@ def load_classifier_dir(folder: Path) -> tuple[ImageClassifier, dict[str, Any]]:
         feature_dim, len(classes), hidden_dim=config["hidden_dim"], dropout=config["dropout"]
     )
     model = ImageClassifier(backbone, head)
-    state = torch.load(Path(folder) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    state = load_weights(Path(folder) / WEIGHTS_FILE)
     out_features = state.get("head.3.weight", torch.empty(0)).shape[0]
     if out_features != len(classes):
         raise ValueError(

@@ -434,7 +434,8 @@ class CosmosMetadataStore(MetadataStore):
         database, container: created when missing (``create=True``) where permitted.
         credential: the account key, or an Azure identity credential.
         use_udf: evaluate label include/exclude with ``udf.filterDocumentsByLabels``.
-        verify_tls: None applies the rule of :func:`verify_tls_for` (off only for loopback).
+        verify_tls: None applies the rule of :func:`verify_tls_for` (off only for loopback);
+            False for any other host raises StoreError before connecting.
         retry: the SDK's retry options.
         write_concurrency: upserts in flight at once.
     """
@@ -457,6 +458,13 @@ class CosmosMetadataStore(MetadataStore):
         self.location = CosmosLocation(endpoint, database, container, use_udf)
         self.uri = redact_uri(self.location.uri)
         self.use_udf = use_udf
+        if verify_tls is False and self.location.verify_tls:
+            # Checked before any connection: the key would go to whoever answers.
+            raise StoreError(
+                f"refusing to open {self.uri} without verifying its TLS certificate: only the "
+                f"local emulator on a loopback address ({', '.join(sorted(LOOPBACK_HOSTS))}) "
+                "may be used unverified; leave verify_tls unset"
+            )
         self.verify_tls = self.location.verify_tls if verify_tls is None else verify_tls
         self._secret = credential if isinstance(credential, str) else None
         self._write_concurrency = write_concurrency

@@ -15,9 +15,11 @@ from typing import Any
 from sslpipe.filters import ImageFilter, TaxonomyPath
 from sslpipe.stores.base import MetadataStore, StoreError, UpsertReport
 
-# A level separator that cannot occur in label text typed by people, so that the prefix
-# "A" never matches a path starting with "AB".
+# A level terminator, so that the prefix "A" never matches a path starting with "AB". Label text
+# from other systems may contain it (or the escape character): inside a level both are escaped,
+# so every encoded level is a prefix-free code word and ["A\x1fB"] never reads as ["A", "B"].
 _LEVEL_END = "\x1f"
+_ESCAPE = "\x1e"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -38,9 +40,14 @@ CREATE INDEX IF NOT EXISTS label_paths_path ON label_paths (path, doc_id);
 """
 
 
+def _escape_level(level: str) -> str:
+    return level.replace(_ESCAPE, _ESCAPE + _ESCAPE).replace(_LEVEL_END, _ESCAPE + _LEVEL_END)
+
+
 def encode_path(path: Iterable[str]) -> str:
-    """``("A", "B")`` -> ``"A\\x1fB\\x1f"``: every level closed, so prefixes compare as strings."""
-    return "".join(f"{level}{_LEVEL_END}" for level in path)
+    """``("A", "B")`` -> ``"A\\x1fB\\x1f"``: every level closed, so prefixes compare as strings
+    (``\\x1e`` and ``\\x1f`` inside a level are escaped with ``\\x1e``)."""
+    return "".join(f"{_escape_level(level)}{_LEVEL_END}" for level in path)
 
 
 def _prefix_range(prefix: TaxonomyPath) -> tuple[str, str]:
