@@ -179,6 +179,45 @@ def _ml_client(config: PipelineConfig) -> Any:
     )
 
 
+def _instance_count(node: Any) -> int:
+    resources = getattr(node, "resources", None)
+    return int(getattr(resources, "instance_count", None) or 1)
+
+
+def compute_problems(client: Any, job: PipelineJob) -> list[str]:
+    """Compute targets the workspace lacks, and steps asking for more nodes than one scales to.
+
+    Asks the workspace (``client.compute``), so it runs before submitting, not in a dry run.
+    """
+    from azure.core.exceptions import ResourceNotFoundError
+
+    default = job.settings.default_compute if job.settings else None
+    steps_on: dict[str, list[str]] = {}
+    for name, node in job.jobs.items():
+        steps_on.setdefault(str(node.compute or default), []).append(name)
+    problems = []
+    for compute, steps in steps_on.items():
+        try:
+            target = client.compute.get(compute)
+        except ResourceNotFoundError:
+            known = sorted(str(c.name) for c in client.compute.list())
+            problems.append(
+                f"compute {compute!r} (for {', '.join(steps)}) does not exist in the workspace; "
+                f"it has {', '.join(known) or 'no computes'} (set azureml.cpu_compute or "
+                "azureml.gpu_compute)"
+            )
+            continue
+        most = getattr(target, "max_instances", None)
+        for step in steps:
+            count = _instance_count(job.jobs[step])
+            if most is not None and count > int(most):
+                problems.append(
+                    f"step {step} asks for {count} nodes but compute {compute!r} scales to at "
+                    f"most {most} (max_instances); lower the step's nodes or raise the maximum"
+                )
+    return problems
+
+
 def submit(
     job: PipelineJob,
     config: PipelineConfig,
@@ -190,12 +229,16 @@ def submit(
     """Validate, create the pipeline job in the workspace, print its studio URL, stream it.
 
     Raises:
-        AzureMLError: the job or the workspace settings are invalid; nothing was sent.
+        AzureMLError: the job or the workspace settings are invalid, or the workspace lacks a
+            compute target or one too small for a step; nothing was sent.
     """
     problems = validate_offline(job, config, submit=True)
     if problems:
         raise AzureMLError(problems)
     client = ml_client if ml_client is not None else _ml_client(config)
+    problems = compute_problems(client, job)
+    if problems:
+        raise AzureMLError(problems)
     created = client.jobs.create_or_update(job, experiment_name=experiment_name(config))
     echo(f"[sslpipe] submitted {created.name}: {created.studio_url}")
     if stream:

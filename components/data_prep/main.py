@@ -8,9 +8,7 @@ from sslpipe.steps.data_prep import run_data_prep
 
 
 def main(args: dict[str, Any]) -> None:
-    # On several nodes the step finds its shard in the launcher's RANK and WORLD_SIZE; one
-    # node is the default (and the call it always was).
-    sharded = {"nodes": args["nodes"]} if args["nodes"] != 1 else {}
+    # On several nodes the step finds its shard in the launcher's RANK and WORLD_SIZE.
     run_data_prep(
         ids_dir=args["selection"],
         blob_uri=args["blob_uri"],
@@ -18,7 +16,7 @@ def main(args: dict[str, Any]) -> None:
         image_size=args["image_size"],
         concurrency=args["concurrency"],
         max_skipped_fraction=args["max_skipped_fraction"],
-        **sharded,
+        nodes=args["nodes"],
     )
 
 

@@ -396,7 +396,8 @@ def _validate_distribution(step: StepSpec, where: str) -> None:
         raise PipelineGraphError(
             f"{where} asks for {step.instance_count} machines (resources.instance_count), but "
             "the local executor runs every step on this machine; set the instance count to 1 "
-            "(for moco_train: moco.nodes=1) or run the pipeline on Azure ML (--backend azureml)"
+            "(moco.nodes, classifier.nodes, data_prep.nodes or train.nodes = 1) or run the "
+            "pipeline on Azure ML (--backend azureml)"
         )
     kind = str(distribution.get("type", "pytorch")).lower()
     if step.processes > 1 and kind != "pytorch":

@@ -300,6 +300,7 @@ def test_data_prep_main_passes_its_flags(monkeypatch: pytest.MonkeyPatch) -> Non
             "image_size": 36,
             "concurrency": DataPrepConfig().concurrency,
             "max_skipped_fraction": DataPrepConfig().max_skipped_fraction,
+            "nodes": 1,
         }
     ]
 

@@ -138,5 +138,5 @@ def test_moco_on_several_nodes_is_one_error_line_before_anything_runs(
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1
-    assert "moco.nodes=1" in lines[0] and "--backend azureml" in lines[0]
+    assert "moco.nodes" in lines[0] and "--backend azureml" in lines[0]
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
