@@ -18,7 +18,7 @@ from typing import Any
 
 from sslpipe.demo import DemoImage
 from sslpipe.metadata import describe_invalid, validate_document
-from sslpipe.stores.base import BlobStore, MetadataStore, UpsertReport
+from sslpipe.stores.base import BlobStore, MetadataStore, UpsertReport, blob_key
 from sslpipe.stores.local_blob import safe_blob_path
 
 CHUNK = 256  # documents (and their images) handled at once
@@ -171,14 +171,26 @@ def validate_documents(path: Path) -> int:
     """Read the whole file once before anything is written; returns the number of documents.
 
     Raises:
-        IngestError: on the first bad line, or on an id that occurs twice.
+        IngestError: on the first bad line, on an id that occurs twice, or on two ids that name
+            the same blob (``a.jpeg`` and ``./a.jpeg``: one image would count twice, and could
+            land in the train and the test split).
     """
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, str]] = {}  # blob key -> (id, file:line)
     for where, document in _numbered_documents(path):
         doc_id = document["id"]
-        if doc_id in seen:
-            raise IngestError(f"{where}: the id {doc_id!r} occurs more than once ({seen[doc_id]})")
-        seen[doc_id] = where
+        try:
+            key = blob_key(doc_id)
+        except ValueError:
+            key = doc_id  # an unsafe name: skipped and reported when the images are loaded
+        if key in seen:
+            other, first = seen[key]
+            if other == doc_id:
+                raise IngestError(f"{where}: the id {doc_id!r} occurs more than once ({first})")
+            raise IngestError(
+                f"{where}: the id {doc_id!r} names the same blob {key!r} as the id {other!r} "
+                f"({first})"
+            )
+        seen[key] = (doc_id, where)
     return len(seen)
 
 

@@ -94,6 +94,11 @@ def _folder(tmp_path: Path, make_image: ImageMaker, *names: str) -> Path:
         (b'{"id": ""}', r"docs\.jsonl:2: the document has no string 'id'"),
         (b'{"id": ["b.jpeg"]}', r"docs\.jsonl:2: the document has no string 'id'"),
         (b'{"id": "a.jpeg"}', r"docs\.jsonl:2: the id 'a\.jpeg' occurs more than once \(.*:1\)"),
+        (
+            b'{"id": "./a.jpeg"}',
+            r"docs\.jsonl:2: the id '\./a\.jpeg' names the same blob 'a\.jpeg'",
+        ),
+        (b'{"id": "a.jpeg/"}', r"docs\.jsonl:2: the id 'a\.jpeg/' names the same blob"),
     ],
 )
 def test_a_bad_line_refuses_the_file_with_its_line_and_reason_and_writes_nothing(
@@ -420,3 +425,66 @@ def test_cosmos_selects_what_the_filter_means(
             assert selected == expected, (mode, image_filter)
     for document in documents:
         assert store.get(document["id"]) == document
+
+
+# --- labels with such text travel unchanged through connect_db and data_prep -----------------
+
+TRICKY_LABELS = [
+    "it's",
+    'say "hi", ok',
+    "' OR '1'='1",
+    "DROP TABLE documents; --",
+    "line\nbreak",
+    "日本 🛁",
+    "NaN",
+    "null",
+    " padded ",
+    "A\x1fB",
+]
+
+
+def test_hostile_labels_reach_the_id_list_and_manifest_unchanged(
+    tiny_catalog: Any, make_document: DocumentMaker
+) -> None:
+    from sslpipe.config import LabelsConfig
+    from sslpipe.io import read_csv
+    from sslpipe.steps.connect_db import run_connect_db
+    from sslpipe.steps.data_prep import run_data_prep
+
+    catalog_root: Path = tiny_catalog.root
+    expected: dict[str, str] = {}
+    documents = []
+    for c, label in enumerate(TRICKY_LABELS):
+        for i in range(5):
+            doc_id = f"tricky-{c:02d}-{i}.jpeg"
+            documents.append(make_document(doc_id, (701, [label, "leaf"]), (702, [label])))
+            expected[doc_id] = label
+    invalid = [
+        make_document("bad-blurred.jpeg", (701, ["it's"]), is_blurred="yes"),
+        make_document("bad-path.jpeg", (701, ["it's", ""])),
+    ]
+    tiny_catalog.add(*documents, *invalid)
+    only_tricky = ImageFilter(exclude_labels=[["Even"], ["Odd"]])
+    stats = run_connect_db(
+        metadata_uri=tiny_catalog.metadata_uri,
+        blob_uri=tiny_catalog.blob_uri,
+        image_filter=only_tricky,
+        output_dir=catalog_root / "ids",
+        mode="labelled",
+        labels=LabelsConfig(level=1, balance="none"),
+    )
+    assert stats["dropped"]["invalid:is_blurred"] == 1
+    assert stats["dropped"]["invalid:labels_with_taxonomy"] == 1
+    ids = read_csv(catalog_root / "ids" / "ids.csv")
+    assert dict(zip(ids["id"], ids["label"], strict=True)) == expected
+    label_map = json.loads((catalog_root / "ids" / "labels.json").read_text(encoding="utf-8"))
+    assert label_map["classes"] == sorted(TRICKY_LABELS)
+    run_data_prep(
+        ids_dir=catalog_root / "ids",
+        blob_uri=tiny_catalog.blob_uri,
+        output_dir=catalog_root / "data",
+        image_size=16,
+        concurrency=2,
+    )
+    manifest = read_csv(catalog_root / "data" / "manifest.csv")
+    assert dict(zip(manifest["id"], manifest["label"], strict=True)) == expected

@@ -437,3 +437,39 @@ def test_plain_http_blob_storage_is_refused_for_a_host_that_is_not_loopback(
     ):
         with pytest.raises(StoreError, match="refusing plain http"):
             azure_blob.AzureBlobStore.from_uri(uri)
+
+
+# --- a live server that refuses the credential: its answer is not echoed -----------------------
+
+
+async def _open_and_read(uri: str) -> None:
+    store = azure_blob.AzureBlobStore.from_uri(uri, retry_total=0, backoff_s=0.0)
+    try:
+        await store.read("a.jpeg")
+    finally:
+        await store.close()
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize("source", ["sas-in-uri", "account-key-env"])
+def test_azurite_refusing_a_forged_credential_shows_no_secret(
+    azurite: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    source: str,
+) -> None:
+    import asyncio
+
+    for name in SECRET_ENV:
+        monkeypatch.delenv(name, raising=False)
+    uri = f"{azurite['blob_endpoint']}/secrets{_TAG}"
+    if source == "sas-in-uri":
+        uri += f"?{SAS_TOKEN}"
+    else:
+        monkeypatch.setenv(azure_blob.ACCOUNT_KEY_ENV, STORAGE_KEY)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(StoreError) as raised:
+        asyncio.run(_open_and_read(uri))
+    text = _all_text(raised.value)
+    assert "403" in text or "Authentication" in text, text
+    assert not list(_leaks((text + caplog.text).encode(), "error")), text
