@@ -214,14 +214,17 @@ def test_no_secret_in_the_mlflow_parameters_tags_or_console(runs: dict[str, Any]
 @pytest.mark.e2e
 @pytest.mark.xfail(
     strict=True,
-    reason="defect: a SAS token in stores.blob_uri is a literal pipeline input and is dumped "
-    "into the Azure ML pipeline YAML (no check in sslpipe/config.py StoresConfig.blob_uri)",
+    reason="defect: a SAS token in stores.blob_uri is a literal pipeline input: it is dumped into "
+    "the Azure ML pipeline YAML, and a local run prints it and records it in the step commands "
+    "(log.txt), run.json and graph.json; sslpipe/config.py does not refuse credentials in "
+    "store URIs (AZURE_STORAGE_SAS_TOKEN is the place for them)",
 )
-def test_a_sas_token_in_the_blob_uri_is_refused_or_kept_out_of_the_dumped_yaml(
-    tmp_path: Path,
+@pytest.mark.parametrize("backend", ["azureml", "local"])
+def test_a_sas_token_in_the_blob_uri_is_refused_or_kept_out_of_everything_written(
+    tmp_path: Path, backend: str
 ) -> None:
     sets = [AZURE_STORES[0], f"stores.blob_uri={AZURE_STORES[1].split('=', 1)[1]}?{SAS_TOKEN}"]
-    done = _execute(tmp_path, "moco", sets, "--backend", "azureml", "--dry-run")
+    done = _execute(tmp_path, "moco", sets, "--backend", backend, "--dry-run")
     assert not list(_leaks((done.stdout + done.stderr).encode(), "console"))
     found, _ = find_secrets(tmp_path)
     assert not found, found
@@ -290,8 +293,10 @@ def test_the_ingest_command_with_a_sas_uri_at_a_closed_port_shows_no_signature(
         cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **SECRET_ENV},
     )  # fmt: skip
-    assert done.returncode == 1, done.stderr[-2000:]
-    assert "cannot open the container" in done.stderr
+    # 1: the store cannot be opened; 2 would be a configuration that refuses a SAS in the URI.
+    assert done.returncode in (1, 2), done.stderr[-2000:]
+    if done.returncode == 1:
+        assert "cannot open the container" in done.stderr
     assert not list(_leaks((done.stdout + done.stderr).encode(), "console")), done.stderr
     found, _ = find_secrets(tmp_path)
     assert not found, found
