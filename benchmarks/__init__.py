@@ -1,0 +1,1 @@
+"""Benchmarks of sslpipe against its peers (issue 6); run with ``python -m benchmarks.run``."""

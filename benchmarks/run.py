@@ -1,0 +1,108 @@
+"""Run the benchmarks, print the table and write BENCHMARKS.md.
+
+    .venv/bin/python -m benchmarks.run            # every row, full size (about 30 min, 2 cores)
+    .venv/bin/python -m benchmarks.run --quick    # smaller sizes, under 5 minutes
+    .venv/bin/python -m benchmarks.run --only data_prep connect_db --output /tmp/B.md
+
+A row whose module does not exist is reported as not run; a row that fails is reported with
+its error, and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    ROOT,
+    check_row,
+    import_optional,
+    log,
+    machine,
+    markdown_report,
+    markdown_table,
+    not_run,
+)
+
+ROWS: dict[str, tuple[str, str]] = {
+    "data_prep": ("benchmarks.bench_data_prep", "1. data_prep throughput"),
+    "moco": ("benchmarks.bench_moco", "2. moco_train throughput vs lightly"),
+    "quality": ("benchmarks.bench_quality", "3. representation quality"),
+    "connect_db": ("benchmarks.bench_connect_db", "4. connect_db at scale"),
+    "e2e": ("benchmarks.bench_e2e", "5. end to end"),
+}
+"""Row name -> (module, title), in table order."""
+
+QUICK_SKIPS = {"e2e": "skipped in --quick (run it with --only e2e)"}
+"""Rows --quick leaves out unless named with --only."""
+
+
+def run_rows(names: Sequence[str], *, quick: bool, explicit: bool) -> list[dict[str, Any]]:
+    """Every named row's results; missing modules and failures become rows that say so."""
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        module_name, title = ROWS[name]
+        if quick and not explicit and name in QUICK_SKIPS:
+            rows.append(not_run(title, QUICK_SKIPS[name]))
+            continue
+        module = import_optional(module_name)
+        if module is None:
+            rows.append(not_run(title, f"not run: {module_name} does not exist yet"))
+            continue
+        log(f"{title} ({'quick' if quick else 'full'})")
+        started = time.perf_counter()
+        try:
+            produced = [check_row(item) for item in module.run(quick)]
+        except Exception as err:  # a failing row must not hide the others
+            traceback.print_exc(file=sys.stderr)
+            rows.append(not_run(title, f"failed: {type(err).__name__}: {err}"[:500]))
+            continue
+        log(f"{title}: {len(produced)} row(s) in {time.perf_counter() - started:.0f} s")
+        rows.extend(produced)
+    return rows
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, under 5 minutes")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(ROWS),
+        metavar="NAME",
+        help=f"run only these rows ({', '.join(ROWS)})",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=ROOT / "BENCHMARKS.md",
+        help="the Markdown report to write (default: BENCHMARKS.md)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = [name for name in ROWS if args.only is None or name in args.only]
+    started = time.perf_counter()
+    rows = run_rows(names, quick=args.quick, explicit=args.only is not None)
+    seconds = time.perf_counter() - started
+    command = " ".join(
+        ["python -m benchmarks.run", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]
+    )
+    print(markdown_table(rows))
+    args.output.write_text(markdown_report(rows, machine(), command=command, seconds=seconds))
+    log(f"wrote {args.output} ({seconds:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
