@@ -18,6 +18,17 @@ def _named(node: Any, name: str) -> Any:
     return node
 
 
+def _distributed(node: Any, *, nodes: int, processes_per_node: int) -> Any:
+    """Run ``node`` as ``processes_per_node`` processes on each of ``nodes`` machines.
+
+    PyTorch distribution: Azure ML starts the processes itself, the local executor with
+    torchrun. The step gets the same two values as inputs and checks them against WORLD_SIZE.
+    """
+    node.distribution = PyTorchDistribution(process_count_per_instance=processes_per_node)
+    node.resources = JobResourceConfiguration(instance_count=nodes)
+    return node
+
+
 def select_and_prepare(
     config: PipelineConfig,
     *,
@@ -75,11 +86,17 @@ def train_and_evaluate(
     register: bool = True,
     prefix: str = "",
 ) -> Any:
-    """classifier_train -> evaluate; returns the evaluate node (its output ``report``)."""
+    """classifier_train -> evaluate; returns the evaluate node (its output ``report``).
+
+    classifier_train runs ``classifier.processes_per_node`` processes on each of
+    ``classifier.nodes`` machines.
+    """
     inputs = classifier.model_dump(mode="json")
     if backbone_model is not None:
         inputs["backbone_model"] = backbone_model
-    train = _named(component("classifier_train")(data=data, **inputs), f"{prefix}classifier_train")
+    train = component("classifier_train")(data=data, **inputs)
+    _distributed(train, nodes=classifier.nodes, processes_per_node=classifier.processes_per_node)
+    _named(train, f"{prefix}classifier_train")
     evaluation = {
         "min_macro_f1": config.evaluate.min_macro_f1,
         "model_name": config.evaluate.model_name,
@@ -94,14 +111,11 @@ def train_and_evaluate(
 def moco_training(config: PipelineConfig, *, data: Any) -> Any:
     """moco_train on a data_prep output; returns the node (its output ``model``).
 
-    The node runs ``moco.processes_per_node`` processes on each of ``moco.nodes`` machines
-    (PyTorch distribution): Azure ML starts them itself, the local executor with torchrun.
-    The same two values are also inputs of the step, which checks them against WORLD_SIZE.
+    The node runs ``moco.processes_per_node`` processes on each of ``moco.nodes`` machines.
     """
     moco = config.moco
     node = component("moco_train")(data=data, **moco.model_dump(mode="json"))
-    node.distribution = PyTorchDistribution(process_count_per_instance=moco.processes_per_node)
-    node.resources = JobResourceConfiguration(instance_count=moco.nodes)
+    _distributed(node, nodes=moco.nodes, processes_per_node=moco.processes_per_node)
     return _named(node, "moco_train")
 
 

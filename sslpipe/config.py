@@ -175,6 +175,12 @@ class ClassifierConfig(_Section):
     )
     num_workers: int = Field(0, ge=0)
     seed: int = 0
+    # Distributed data-parallel training (sslpipe.distributed), as for moco: batch_size is per
+    # process, so the global batch is batch_size x nodes x processes_per_node.
+    nodes: int = Field(1, ge=1, description="machines (Azure ML resources.instance_count)")
+    processes_per_node: int = Field(
+        1, ge=1, description="training processes per machine (one per GPU); >1 runs torchrun"
+    )
 
 
 class EvaluateConfig(_Section):

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Refuse decompression bombs loudly instead of letting PIL only warn about them.
 Image.MAX_IMAGE_PIXELS = 64_000_000
+# Modes whose samples are wider than 8 bits (16-bit PNG and TIFF grayscale).
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# What transparent pixels become: product photos are shown on white.
+_BACKGROUND = (255, 255, 255, 255)
 
 
 class UnusableImageError(ValueError):
@@ -38,8 +43,7 @@ def decode_resized(data: bytes, shorter_side: int) -> Image.Image:
             image.draft(
                 "RGB", (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
             )
-        image = ImageOps.exif_transpose(image)
-        image = image.convert("RGB")
+        image = to_rgb(ImageOps.exif_transpose(image))
     except UnusableImageError:
         raise
     except Image.DecompressionBombError as err:
@@ -49,6 +53,19 @@ def decode_resized(data: bytes, shorter_side: int) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as err:
         raise UnusableImageError("corrupt_image", str(err)) from None
     return resize_shorter_side(image, shorter_side)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB: 16-bit samples scaled down (PIL's own conversion clips every
+    value above 255 to white), transparent pixels composited on white (rather than showing
+    whatever colour they hide), every other mode converted by PIL (CMYK, palette, gray)."""
+    if image.mode in _WIDE_MODES:
+        pixels = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        image = Image.fromarray(pixels.astype(np.uint8))  # 2-D uint8: mode L
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, _BACKGROUND), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -93,3 +94,63 @@ def read_csv(path: Path, *, required: tuple[str, ...] = ()) -> pd.DataFrame:
             "Was it written by a different version of the pipeline?"
         )
     return frame
+
+
+class Journal:
+    """An append-only file of JSON lines that records progress as it is made, so that a run
+    killed at any moment leaves every finished item on disk for the next run to pick up.
+
+    Each :meth:`append` writes one whole line with one ``write`` call before it returns, so the
+    line survives the process being killed (it is in the kernel's hands); ``fsync`` follows at
+    most every ``sync_every_s`` seconds (and on :meth:`close`), which bounds what a lost
+    machine can lose without paying a sync per line on slow (network) file systems. A line cut
+    short by a lost machine is ignored by :func:`read_journal`. The file is created on the
+    first append.
+    """
+
+    def __init__(self, path: Path, *, sync_every_s: float = 1.0) -> None:
+        self.path, self.sync_every_s = path, sync_every_s
+        self._fd: int | None = None
+        self._synced = 0.0
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._synced = time.monotonic()
+        os.write(self._fd, line)
+        if time.monotonic() - self._synced >= self.sync_every_s:
+            os.fsync(self._fd)
+            self._synced = time.monotonic()
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The records of a :class:`Journal`, oldest first; none when the file is absent. Lines
+    that are not a whole JSON object (cut short by a crash) are left out."""
+    if not path.is_file():
+        return []
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and line.endswith("\n"):
+                records.append(record)
+    return records

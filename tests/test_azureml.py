@@ -133,6 +133,39 @@ def test_moco_train_runs_data_parallel_on_the_configured_nodes_and_processes(
     assert node.resources.instance_count == 2
 
 
+@pytest.mark.parametrize("name", ["classifier", "full"])
+def test_classifier_train_runs_data_parallel_on_the_configured_nodes_and_processes(
+    dumped: dict[str, tuple[Path, dict[str, Any]]], tmp_path: Path, name: str
+) -> None:
+    trained = ["classifier_train"] + (["baseline_classifier_train"] if name == "full" else [])
+    for step_name in trained:  # one process on one machine unless configured
+        default = dumped[name][1]["jobs"][step_name]
+        assert default["distribution"] == {"type": "pytorch", "process_count_per_instance": 1}
+        assert default["resources"]["instance_count"] == 1
+
+    config = azure_config(tmp_path, "classifier.processes_per_node=4", "classifier.nodes=2")
+    job = prepared(name, config)
+    assert azureml.validate_offline(job, config) == []
+    path = azureml.dry_run(job, config)
+
+    jobs = yaml.safe_load(path.read_text(encoding="utf-8"))["jobs"]
+    reloaded = load_job(path)
+    assert isinstance(reloaded, PipelineJob)
+    for step_name in trained:  # the baseline trains like the classifier it is compared with
+        step = jobs[step_name]
+        assert step["distribution"] == {"type": "pytorch", "process_count_per_instance": 4}
+        assert step["resources"]["instance_count"] == 2
+        # The step gets the same counts as inputs and checks them against WORLD_SIZE.
+        inputs = step["inputs"]
+        assert (str(inputs["processes_per_node"]), str(inputs["nodes"])) == ("4", "2")
+        node = reloaded.jobs[step_name]
+        assert node.distribution.process_count_per_instance == 4
+        assert node.resources.instance_count == 2
+    if name == "full":  # moco's own counts are unaffected
+        assert jobs["moco_train"]["distribution"]["process_count_per_instance"] == 1
+        assert jobs["moco_train"]["resources"]["instance_count"] == 1
+
+
 def test_a_queue_the_global_batch_does_not_divide_is_refused_before_compiling(
     tmp_path: Path,
 ) -> None:

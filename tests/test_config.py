@@ -221,6 +221,27 @@ def test_a_distribution_the_queue_cannot_take_is_one_line_naming_the_key(
     assert_one_line(err)
 
 
+def test_the_classifier_trains_in_one_process_on_one_node_by_default() -> None:
+    classifier = load_config().classifier
+    assert (classifier.nodes, classifier.processes_per_node) == (1, 1)
+    classifier = load_config(
+        overrides=["classifier.nodes=2", "classifier.processes_per_node=4"]
+    ).classifier
+    assert (classifier.nodes, classifier.processes_per_node) == (2, 4)
+
+
+@pytest.mark.parametrize("key", ["classifier.nodes", "classifier.processes_per_node"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_a_classifier_distribution_below_one_process_is_one_line_naming_the_key(
+    key: str, value: int
+) -> None:
+    with pytest.raises(
+        ConfigError, match=rf"^invalid value for '{key}'.*greater than or equal to 1"
+    ) as err:
+        load_config(overrides=[f"{key}={value}"])
+    assert_one_line(err)
+
+
 def test_the_queue_need_not_take_whole_batches_in_one_process() -> None:
     assert load_config(overrides=["moco.queue_size=100"]).moco.queue_size == 100
 

@@ -195,6 +195,10 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _on(device: torch.device | None, tensor: Tensor) -> Tensor:
+    return tensor if device is None else tensor.to(device, non_blocking=True)
+
+
 def train_epoch(
     model: ImageClassifier,
     loader: DataLoader[Any],
@@ -202,21 +206,33 @@ def train_epoch(
     criterion: nn.Module,
     *,
     backbone_frozen: bool,
+    trained: nn.Module | None = None,
+    device: torch.device | None = None,
 ) -> tuple[float, float]:
     """One pass over ``loader``; returns (mean loss, accuracy) on the training batches.
 
     With ``backbone_frozen`` the backbone runs in eval mode under ``torch.no_grad()`` and only
     the head sees gradients.
+
+    Args:
+        trained: What computes the trained part: by default ``model.head`` with a frozen
+            backbone and ``model`` otherwise; under data-parallel training, the
+            ``DistributedDataParallel`` wrapper of that module, which averages the gradients
+            over the processes.
+        device: Where the batches go (the model must be there); None leaves them as loaded.
     """
     set_train_mode(model, backbone_frozen=backbone_frozen)
+    if trained is None:
+        trained = model.head if backbone_frozen else model
     total_loss, correct, seen = 0.0, 0, 0
-    for images, targets in loader:
+    for batch_images, batch_targets in loader:
+        images, targets = _on(device, batch_images), _on(device, batch_targets)
         if backbone_frozen:
             with torch.no_grad():
                 features = model.backbone(images)
-            logits = model.head(features)
+            logits = trained(features)
         else:
-            logits = model(images)
+            logits = trained(images)
         loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -230,12 +246,18 @@ def train_epoch(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader[Any]) -> tuple[Tensor, Tensor]:
-    """Logits (N, C) and targets (N,) of every item of ``loader``, model in eval mode."""
+def predict(
+    model: nn.Module, loader: DataLoader[Any], device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """Logits (N, C) and targets (N,) of every item of ``loader``, model in eval mode.
+
+    With a ``device`` the batches are computed there and the results returned on the CPU.
+    """
     model.eval()
     logits, targets = [], []
     for images, batch_targets in loader:
-        logits.append(model(images))
+        batch_logits = model(_on(device, images))
+        logits.append(batch_logits if device is None else batch_logits.cpu())
         targets.append(torch.as_tensor(batch_targets))
     return torch.cat(logits), torch.cat(targets)
 
@@ -245,9 +267,19 @@ def macro_f1(targets: Sequence[int] | np.ndarray, predictions: Sequence[int] | n
     return float(f1_score(targets, predictions, average="macro", zero_division=0))
 
 
-def evaluate(model: nn.Module, loader: DataLoader[Any], criterion: nn.Module) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader[Any],
+    criterion: nn.Module,
+    device: torch.device | None = None,
+) -> dict[str, float]:
     """``{"loss", "accuracy", "macro_f1"}`` of ``model`` on ``loader``."""
-    logits, targets = predict(model, loader)
+    logits, targets = predict(model, loader, device)
+    return scores(logits, targets, criterion)
+
+
+def scores(logits: Tensor, targets: Tensor, criterion: nn.Module) -> dict[str, float]:
+    """``{"loss", "accuracy", "macro_f1"}`` of CPU ``logits`` (N, C) against ``targets`` (N,)."""
     predictions = logits.argmax(dim=1)
     return {
         "loss": float(criterion(logits, targets)),
@@ -360,6 +392,7 @@ __all__ = [
     "plot_curves",
     "predict",
     "read_labelled_data",
+    "scores",
     "set_backbone_trainable",
     "set_train_mode",
     "train_epoch",

@@ -19,21 +19,38 @@ Outputs:
     checkpoint/  last.pt, rewritten atomically after every epoch; ``resume`` continues from it
 
 The model is not registered here: the evaluate step registers it after measuring it.
+
+Several processes (torchrun, or Azure ML's PyTorch distribution; see sslpipe.distributed):
+every process trains on its own shard of the training images (DistributedSampler) with
+``batch_size`` images per step, so the global batch is ``batch_size x WORLD_SIZE``; the learning
+rate is not rescaled. The trained part (the head, or the whole network when fine-tuning) is
+wrapped in DistributedDataParallel; the frozen backbone stays outside it. Every process predicts
+its share of the validation images, the logits are gathered and scored on every process, and
+rank 0's scores are broadcast, so that every process takes the same best-epoch and early-stop
+decisions. Rank 0 alone writes checkpoints, history, curves, the model folder and MLflow; every
+process resumes from rank 0's checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from sslpipe import distributed
 from sslpipe.classifier.augment import eval_transform, train_transform
 from sslpipe.classifier.backbones import resolve_backbone
 from sslpipe.classifier.model import ClassifierHead, ImageClassifier, save_classifier
@@ -44,7 +61,9 @@ from sslpipe.classifier.train import (
     expand_repeats,
     make_criterion,
     plot_curves,
+    predict,
     read_labelled_data,
+    scores,
     set_backbone_trainable,
     train_epoch,
     trainable_parameters,
@@ -114,6 +133,129 @@ def _loader(
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
     )
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of one process's augmentations and dropout in one epoch: distinct per process, and
+    ``seed + epoch`` in a single process."""
+    return seed + epoch + 1_000_003 * rank
+
+
+def _sharded_loader(
+    dataset: Dataset[Any],
+    batch: int,
+    workers: int,
+    *,
+    seed: int,
+    epoch: int,
+    env: distributed.DistEnv,
+) -> DataLoader[Any]:
+    """This process's shard of the epoch's shared shuffle (the same permutation everywhere)."""
+    # drop_last in the sampler: every process runs the same number of steps; in the loader:
+    # no batch of one, as in one process.
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        dataset, num_replicas=env.world_size, rank=env.rank, seed=seed, drop_last=True
+    )
+    sampler.set_epoch(epoch)
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=False,
+    )
+
+
+def _replicate(
+    model: ImageClassifier, *, backbone_frozen: bool, device: torch.device
+) -> nn.Module | None:
+    """The DistributedDataParallel wrapper of the part that trains (None in one process).
+
+    With a frozen backbone only the head is wrapped: the backbone runs under no_grad outside
+    it, so DDP sees only parameters that receive gradients. Wrapping broadcasts rank 0's
+    weights of the wrapped part.
+    """
+    if distributed.world_size() == 1:
+        return None
+    module = model.head if backbone_frozen else model
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def _mean_over_processes(values: list[float], device: torch.device) -> list[float]:
+    """The mean of each value over the processes (the values themselves in one process)."""
+    if distributed.world_size() == 1:
+        return values
+    local = torch.tensor([values], dtype=torch.float64, device=device)
+    mean: list[float] = distributed.all_gather(local).mean(dim=0).cpu().tolist()
+    return mean
+
+
+SCORES = ("loss", "accuracy", "macro_f1")
+
+
+def _validate_sharded(
+    model: ImageClassifier,
+    dataset: LabelledImageDataset,
+    criterion: nn.Module,
+    *,
+    batch: int,
+    workers: int,
+    num_classes: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Validation over the processes: process r predicts images r, r + W, r + 2W, ...
+
+    The logits are gathered back into dataset order and scored on every process; rank 0's
+    scores are then broadcast, so that every process decides alike even if the scores of two
+    processes differed in the last bit.
+    """
+    world, rank = distributed.world_size(), distributed.rank()
+    count = len(dataset)
+    per_process = math.ceil(count / world)
+    shard = Subset(dataset, range(rank, count, world))
+    padded = torch.zeros(per_process, num_classes)
+    if len(shard):
+        logits, _ = predict(model, _loader(shard, batch, workers, seed=None), device)
+        padded[: len(logits)] = logits
+    gathered = distributed.all_gather(padded.to(device)).cpu()
+    # gathered[r * per_process + i] holds image r + i * world.
+    ordered = gathered.view(world, per_process, num_classes).transpose(0, 1)
+    logits = ordered.reshape(world * per_process, num_classes)[:count]
+    result = scores(logits, torch.tensor(dataset.targets, dtype=torch.long), criterion)
+    values = torch.tensor([result[k] for k in SCORES], dtype=torch.float64, device=device)
+    distributed.broadcast_([values])
+    return dict(zip(SCORES, values.cpu().tolist(), strict=True))
+
+
+def _check_same_start(epoch: int, checkpoint_dir: Path, device: torch.device) -> None:
+    """Raise unless every process resumes after the same epoch (sees the same checkpoint)."""
+    if distributed.world_size() == 1:
+        return
+    epochs = distributed.all_gather(torch.tensor([epoch], device=device)).cpu().tolist()
+    if len(set(epochs)) > 1:
+        raise RuntimeError(
+            f"the processes would start after different epochs {epochs} (by rank): every "
+            f"process must see rank 0's checkpoint in {checkpoint_dir}, a folder shared by "
+            "all nodes"
+        )
+
+
+def _check_replicas_agree(model: nn.Module, device: torch.device) -> None:
+    """Raise unless every process holds the same weights (a cheap checksum)."""
+    if distributed.world_size() == 1:
+        return
+    with torch.no_grad():
+        tensors = [*model.parameters(), *model.buffers()]
+        checksum = torch.stack([t.detach().double().sum() for t in tensors]).sum().reshape(1)
+        sums = distributed.all_gather(checksum.to(device)).cpu()
+    if not bool(torch.all(sums == sums[0])):
+        raise RuntimeError(
+            f"the training processes diverged: weight checksums {sums.tolist()} differ; "
+            "every process must run the same number of steps on the same model"
+        )
 
 
 def _fingerprint(manifest_path: Path) -> str:
@@ -204,8 +346,13 @@ def run_classifier_train(
     config: ClassifierConfig,
     backbone_dir: Path | None = None,
     resume: bool = True,
+    env: distributed.DistEnv | None = None,
 ) -> dict[str, Any]:
     """Train the classifier, checkpoint every epoch and write the classifier folder.
+
+    Runs in one process, or in each of ``config.nodes x config.processes_per_node`` processes
+    started by torchrun or Azure ML (``env``: default, read from the environment). Every
+    process returns the result; only rank 0 writes ``model_dir`` and ``checkpoint_dir``.
 
     Returns:
         ``{"metrics": train_metrics.json's content, "history": per-epoch rows,
@@ -213,43 +360,126 @@ def run_classifier_train(
 
     Raises:
         ValueError: bad data (no train or val rows, a label missing from labels.json), an
-            unknown backbone, a backbone folder whose weights do not fit, or a resume against a
-            checkpoint of a different configuration, data or backbone.
+            unknown backbone, a backbone folder whose weights do not fit, a resume against a
+            checkpoint of a different configuration, data or backbone, or a number of
+            processes other than the configured one.
     """
-    data_dir, model_dir, checkpoint_dir = Path(data_dir), Path(model_dir), Path(checkpoint_dir)
+    env = distributed.DistEnv.from_env() if env is None else env
+    expected = config.nodes * config.processes_per_node
+    if env.world_size != expected:
+        raise ValueError(
+            f"classifier_train is configured for {config.nodes} node(s) x "
+            f"{config.processes_per_node} process(es) = {expected}, but it runs in "
+            f"{env.world_size} (WORLD_SIZE); launch it with torchrun --nproc_per_node "
+            f"{config.processes_per_node} (the local executor does) or set classifier.nodes and "
+            "classifier.processes_per_node to match"
+        )
+    with _quiet_unless_main(env), distributed.session(env) as device:
+        result = _run(
+            data_dir=Path(data_dir),
+            model_dir=Path(model_dir),
+            checkpoint_dir=Path(checkpoint_dir),
+            config=config,
+            backbone_dir=backbone_dir,
+            resume=resume,
+            env=env,
+            device=device,
+        )
+        distributed.barrier()  # nobody leaves before rank 0 has written the model folder
+    return result
+
+
+@contextlib.contextmanager
+def _quiet_unless_main(env: distributed.DistEnv) -> Iterator[None]:
+    """Only rank 0 logs progress; the other processes log warnings and errors."""
+    previous = log.level
+    if not env.is_main:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(previous)
+
+
+@contextlib.contextmanager
+def _tracking_run(state: TrainingState, main: bool) -> Iterator[Any]:
+    """The MLflow run on rank 0 (continued after a resume); None in the other processes."""
+    if not main:
+        yield None
+        return
+    with mlflow.start_run(
+        run_id=state.mlflow_run_id,
+        run_name="classifier_train",
+        tags={"sslpipe.step": "classifier_train", **parent_run_tags()},
+    ) as run:
+        yield run
+
+
+def _configure_tracking(env: distributed.DistEnv) -> None:
+    """``configure_tracking`` on rank 0 first: it may create the store and the experiment,
+    which the other processes only read (a registered backbone) once they exist."""
+    if env.is_main:
+        configure_tracking()
+    distributed.barrier()
+    if not env.is_main:
+        configure_tracking()
+
+
+def _run(
+    *,
+    data_dir: Path,
+    model_dir: Path,
+    checkpoint_dir: Path,
+    config: ClassifierConfig,
+    backbone_dir: Path | None,
+    resume: bool,
+    env: distributed.DistEnv,
+    device: torch.device,
+) -> dict[str, Any]:
+    main = env.is_main
     torch.manual_seed(config.seed)
     data = read_labelled_data(data_dir)
     if data.ignored_rows:
         log.warning("%d manifest rows outside train/val/test are ignored", data.ignored_rows)
-    configure_tracking()  # the registry lives where tracking points
+    _configure_tracking(env)  # the registry lives where tracking points
     backbone, spec, backbone_lineage = resolve_backbone(config.backbone, backbone_dir=backbone_dir)
-    model = build_classifier(backbone, spec.feature_dim, len(data.classes), config)
+    model = build_classifier(backbone, spec.feature_dim, len(data.classes), config).to(device)
 
     train_rows = expand_repeats(data.split("train"))
     if len(train_rows) < 2:
         raise ValueError(
             f"classifier_train needs at least 2 training images, found {len(train_rows)}"
         )
-    batch = min(config.batch_size, len(train_rows))
+    per_process = len(train_rows) // env.world_size
+    if per_process < 2:
+        raise ValueError(
+            f"classifier_train needs at least 2 training images per process, found "
+            f"{len(train_rows)} for {env.world_size} processes; run fewer processes"
+        )
+    batch = min(config.batch_size, per_process)
     train_set = LabelledImageDataset(
         data_dir,
         train_rows,
         train_transform(config.image_size, vertical_flip_p=0.5 if config.vertical_flip else 0.0),
     )
-    val_loader = _loader(
-        LabelledImageDataset(data_dir, data.split("val"), eval_transform(config.image_size)),
-        max(64, config.batch_size),
-        config.num_workers,
-        seed=None,
+    val_set = LabelledImageDataset(data_dir, data.split("val"), eval_transform(config.image_size))
+    val_batch = max(64, config.batch_size)
+    val_loader = (
+        None if env.is_distributed else _loader(val_set, val_batch, config.num_workers, seed=None)
     )
-    criterion = make_criterion(data.class_weights)
+    criterion = make_criterion(data.class_weights)  # scores validation logits on the CPU
+    train_criterion = make_criterion(data.class_weights).to(device)
     fingerprint = _fingerprint(data_dir / "manifest.csv")
     identity = _identity(config, fingerprint, _backbone_identity(backbone_lineage))
     stages = stages_for(config)
 
     stopper = EarlyStopping(config.patience)
+    # Every process loads rank 0's checkpoint.
     loaded = _load_checkpoint(checkpoint_dir, model, stopper, identity) if resume else None
     state, optimizer_state = loaded or (TrainingState(), None)
+    _check_same_start(state.epoch, checkpoint_dir, device)
+    if env.is_distributed:  # the same start everywhere, frozen backbone included
+        distributed.broadcast_([*model.parameters(), *model.buffers()])
 
     counts = data.counts()
     num_images = {**counts, "train_drawn_per_epoch": len(train_rows)}
@@ -268,14 +498,18 @@ def run_classifier_train(
         balance,
         config.mode,
     )
+    if env.is_distributed:
+        log.info(
+            "data parallel over %d processes (%s): %d images per process and step, global batch %d",
+            env.world_size,
+            device.type,
+            batch,
+            batch * env.world_size,
+        )
 
     selection = read_optional_json(data_dir / "selection.json")
-    with mlflow.start_run(
-        run_id=state.mlflow_run_id,
-        run_name="classifier_train",
-        tags={"sslpipe.step": "classifier_train", **parent_run_tags()},
-    ) as run:
-        if state.mlflow_run_id is None:
+    with _tracking_run(state, main) as run:
+        if main and state.mlflow_run_id is None:
             mlflow.log_params(
                 {
                     **config.model_dump(mode="json"),
@@ -284,10 +518,12 @@ def run_classifier_train(
                     "backbone_version": backbone_lineage.get("version"),
                     "num_classes": len(data.classes),
                     "balance": balance,
+                    "world_size": env.world_size,
+                    "global_batch_size": batch * env.world_size,
                     **{f"num_{k}": v for k, v in num_images.items()},
                 }
             )
-        state.mlflow_run_id = run.info.run_id
+        state.mlflow_run_id = run.info.run_id if run is not None else state.mlflow_run_id
 
         while state.stage < len(stages):
             stage = stages[state.stage]
@@ -296,6 +532,7 @@ def run_classifier_train(
                 model.load_state_dict(stopper.best_state)
                 log.info("stage %s starts from epoch %d's model", stage.name, stopper.best_epoch)
             set_backbone_trainable(model, not stage.backbone_frozen)
+            replica = _replicate(model, backbone_frozen=stage.backbone_frozen, device=device)
             optimizer = torch.optim.Adam(
                 trainable_parameters(model), lr=stage.lr, weight_decay=config.weight_decay
             )
@@ -303,17 +540,56 @@ def run_classifier_train(
                 optimizer.load_state_dict(optimizer_state)
             optimizer_state = None
             while state.stage_epoch < stage.epochs:
-                # Seeding per epoch makes an epoch a function of (seed, epoch) alone, so a
+                # Seeding per epoch makes an epoch a function of (seed, epoch, rank) alone, so a
                 # resumed run continues exactly like an uninterrupted one.
-                torch.manual_seed(config.seed + state.epoch)
-                loader = _loader(
-                    train_set, batch, config.num_workers, seed=config.seed + state.epoch
+                torch.manual_seed(_epoch_seed(config.seed, state.epoch, env.rank))
+                loader = (
+                    _sharded_loader(
+                        train_set,
+                        batch,
+                        config.num_workers,
+                        seed=config.seed,
+                        epoch=state.epoch,
+                        env=env,
+                    )
+                    if env.is_distributed
+                    else _loader(
+                        train_set, batch, config.num_workers, seed=config.seed + state.epoch
+                    )
                 )
                 started = time.perf_counter()
                 train_loss, train_accuracy = train_epoch(
-                    model, loader, optimizer, criterion, backbone_frozen=stage.backbone_frozen
+                    model,
+                    loader,
+                    optimizer,
+                    train_criterion,
+                    backbone_frozen=stage.backbone_frozen,
+                    trained=replica,
+                    device=device,
                 )
-                val = evaluate(model, val_loader, criterion)
+                train_loss, train_accuracy = _mean_over_processes(
+                    [train_loss, train_accuracy], device
+                )
+                if env.is_distributed:
+                    # Fine-tuning moves BN statistics per process: rank 0's are kept.
+                    distributed.broadcast_(list(model.buffers()))
+                    _check_replicas_agree(model, device)
+                    val = _validate_sharded(
+                        model,
+                        val_set,
+                        criterion,
+                        batch=val_batch,
+                        workers=config.num_workers,
+                        num_classes=len(data.classes),
+                        device=device,
+                    )
+                else:
+                    assert val_loader is not None
+                    val = (  # CPU batches stay where the loader made them
+                        evaluate(model, val_loader, criterion)
+                        if device.type == "cpu"
+                        else evaluate(model, val_loader, criterion, device)
+                    )
                 state.epoch += 1
                 state.stage_epoch += 1
                 improved = stopper.step(val["macro_f1"], state.epoch, model)
@@ -331,10 +607,15 @@ def run_classifier_train(
                     "seconds": round(time.perf_counter() - started, 3),
                 }
                 state.history.append(row)
-                mlflow.log_metrics(
-                    {k: float(v) for k, v in row.items() if k not in ("epoch", "stage", "best")},
-                    step=state.epoch,
-                )
+                if main:
+                    mlflow.log_metrics(
+                        {
+                            k: float(v)
+                            for k, v in row.items()
+                            if k not in ("epoch", "stage", "best")
+                        },
+                        step=state.epoch,
+                    )
                 log.info(
                     "epoch %d (%s %d/%d): train loss %.4f acc %.3f | val loss %.4f acc %.3f "
                     "macro-F1 %.3f%s",
@@ -349,6 +630,7 @@ def run_classifier_train(
                     val["macro_f1"],
                     " (best)" if improved else "",
                 )
+                # The same scores everywhere, so every process stops at the same epoch.
                 stop = stopper.should_stop
                 finished = stop or state.stage_epoch >= stage.epochs
                 if stop:
@@ -361,16 +643,19 @@ def run_classifier_train(
                 if finished:
                     state.stage, state.stage_epoch = state.stage + 1, 0
                     stopper.reset_patience()
-                _save_checkpoint(
-                    checkpoint_dir,
-                    model,
-                    None if finished else optimizer,
-                    stopper,
-                    state,
-                    identity,
-                )
+                if main:
+                    _save_checkpoint(
+                        checkpoint_dir,
+                        model,
+                        None if finished else optimizer,
+                        stopper,
+                        state,
+                        identity,
+                    )
                 if finished:
                     break
+            # Drop this stage's wrapper (and its gradient hooks) before the next one wraps.
+            del replica
 
         if stopper.best_state is None:  # pragma: no cover - every stage runs >= 1 epoch
             raise RuntimeError("no epoch was trained")
@@ -384,21 +669,11 @@ def run_classifier_train(
             "balance": balance,
             "num_images": num_images,
             "data_fingerprint": fingerprint,
-            "mlflow_run_id": run.info.run_id,
+            "mlflow_run_id": state.mlflow_run_id,
             "pipeline_run_id": os.environ.get("SSLPIPE_RUN_ID"),
             "mode": config.mode,
             "best_epoch": stopper.best_epoch,
         }
-        save_classifier(
-            model_dir,
-            model,
-            spec=spec,
-            classes=data.classes,
-            hidden_dim=config.hidden_dim,
-            dropout=config.dropout,
-            image_size=config.image_size,
-            lineage=lineage,
-        )
         metrics = {
             "mode": config.mode,
             "best_epoch": stopper.best_epoch,
@@ -422,8 +697,20 @@ def run_classifier_train(
             "classes": data.classes,
             "num_images": num_images,
             "class_weighted_loss": data.class_weights is not None,
-            "mlflow_run_id": run.info.run_id,
+            "mlflow_run_id": state.mlflow_run_id,
         }
+        if not main:
+            return {"metrics": metrics, "history": state.history, "lineage": lineage}
+        save_classifier(
+            model_dir,
+            model,
+            spec=spec,
+            classes=data.classes,
+            hidden_dim=config.hidden_dim,
+            dropout=config.dropout,
+            image_size=config.image_size,
+            lineage=lineage,
+        )
         write_json(model_dir / HISTORY_FILE, state.history)
         write_json(model_dir / METRICS_FILE, metrics)
         plot_curves(model_dir / CURVES_FILE, state.history, title=f"classifier ({config.mode})")

@@ -8,6 +8,13 @@ without downloading its blob, when the previous manifest lists the same id with 
 blob_path and image_size, the image file is as that run left it, and the blob's ETag is
 unchanged (one conditional request per blob). Changing image_size therefore refetches all.
 
+A run that is killed (or loses its blob store) before it writes the manifest loses no finished
+image either: each image, once written, is appended to ``.progress.jsonl`` in the output folder
+(id, path, ETag, size, and the image file's size and modification time, so that a file changed
+since is not trusted), and the next run reuses those images like the manifest's; the journal is
+removed when the run finishes. An id that ids.csv repeats is fetched once, for its first row;
+each further row is skipped as ``duplicate_id``.
+
 Outputs (one folder):
     images/<blob_path>  the resized image (JPEG)
     manifest.csv     id, path (relative to the folder), label, width, height, blob_path,
@@ -26,6 +33,7 @@ still finds its images where its node left them. All nodes write into the same (
 output folder; as ``manifest.csv`` cannot be written by several at once, each writes its part
     parts/manifest-RRRRR-of-NNNNN.csv, parts/skipped-RRRRR-of-NNNNN.csv
     parts/stats-RRRRR-of-NNNNN.json    written last: the shard is complete
+(and, while it runs, its own progress journal, ``parts/.progress-RRRRR-of-NNNNN.jsonl``)
 and then merges when it finds every part of the same run (:func:`_merge_parts`): the node
 that finishes last writes the outputs above for the whole selection, byte for byte as one node
 would, and checks ``max_skipped_fraction`` over the whole selection. Two nodes finishing
@@ -52,7 +60,15 @@ from typing import Any
 import pandas as pd
 
 from sslpipe.images import UnusableImageError, decode_resized, encode_jpeg
-from sslpipe.io import atomic_path, read_csv, read_json, write_csv, write_json
+from sslpipe.io import (
+    Journal,
+    atomic_path,
+    read_csv,
+    read_journal,
+    read_json,
+    write_csv,
+    write_json,
+)
 from sslpipe.logs import get_logger
 from sslpipe.stores import BlobStore, open_blob_store
 from sslpipe.stores.base import BlobNotFoundError, StoreError
@@ -68,6 +84,8 @@ _NOT_PASSED = ("file_hash", *MANIFEST_COLUMNS)
 _COPIED = ("selection.json", "labels.json")
 # The counts of stats.json, summed over the nodes' parts.
 _COUNTS = ("requested", "prepared", "downloaded", "reused")
+PROGRESS_FILE = ".progress.jsonl"
+"""The journal of the images a run has finished, in the output folder until the run ends."""
 RUN_ID_VARIABLES = ("AZUREML_RUN_ID", "TORCHELASTIC_RUN_ID")
 """The launcher's id of the job, the same on every node (Azure ML, torchrun); the first set
 one tells a part of this run from one that an earlier run left in the output folder."""
@@ -108,6 +126,12 @@ class Shard:
         number = self.rank if rank is None else rank
         suffix = "json" if kind == "stats" else "csv"
         return output_dir / "parts" / f"{kind}-{number:05d}-of-{self.count:05d}.{suffix}"
+
+    def journal(self, output_dir: Path) -> Path:
+        """This node's progress journal (:data:`PROGRESS_FILE`; one per node on several)."""
+        if self.count == 1:
+            return output_dir / PROGRESS_FILE
+        return output_dir / "parts" / f".progress-{self.rank:05d}-of-{self.count:05d}.jsonl"
 
 
 def node_shard(nodes: int, fingerprint: str, environ: Mapping[str, str] | None = None) -> Shard:
@@ -193,6 +217,38 @@ def _previous_images(output_dir: Path, manifest_path: Path) -> dict[str, Previou
     return previous
 
 
+def _journaled_images(output_dir: Path, journal_path: Path) -> dict[str, Previous]:
+    """The images that a killed run finished, as its journal lists them (the last line of an
+    id wins), keeping only those whose file has the size and modification time the journal
+    recorded: a later run that rewrote one without finishing it leaves it untrusted."""
+    previous: dict[str, Previous] = {}
+    for record in read_journal(journal_path):
+        try:
+            image = output_dir / str(record["path"])
+            stat = image.stat()
+            if (stat.st_mtime_ns, stat.st_size) != (record["mtime_ns"], record["bytes"]):
+                previous.pop(str(record["id"]), None)
+                continue
+            previous[str(record["id"])] = Previous(
+                str(record["path"]), int(record["width"]), int(record["height"]),
+                str(record["blob_path"]), int(record["image_size"]), str(record["etag"]),
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError, OSError):
+            continue  # gone, or not a line this step wrote: fetch it again
+    return previous
+
+
+def _progress(outcome: Outcome, output_dir: Path, image_size: int) -> dict[str, Any]:
+    """The journal line of a finished image (:func:`_journaled_images` reads it)."""
+    assert outcome.path is not None
+    stat = (output_dir / outcome.path).stat()
+    return {
+        "id": outcome.id, "path": outcome.path, "etag": outcome.etag, "width": outcome.width,
+        "height": outcome.height, "blob_path": outcome.blob_path, "image_size": image_size,
+        "mtime_ns": stat.st_mtime_ns, "bytes": stat.st_size,
+    }  # fmt: skip
+
+
 def _known_etag(before: Previous | None, blob_path: str, path: str, image_size: int) -> str | None:
     """The ETag the previous image was made from when it is reusable for this row, else None."""
     if before is None:
@@ -254,6 +310,7 @@ async def _fetch_all(
     image_size: int,
     concurrency: int,
     previous: dict[str, Previous],
+    journal: Journal,
 ) -> list[Outcome]:
     outcomes: list[Outcome] = []
     workers = max(1, min(concurrency, os.cpu_count() or 1))
@@ -265,7 +322,10 @@ async def _fetch_all(
             # Each worker pulls the next row when it is free: at most ``concurrency`` images
             # are in flight, however long the id list is.
             for row in rows:
-                outcomes.append(await _fetch_one(job, row))
+                outcome = await _fetch_one(job, row)
+                outcomes.append(outcome)
+                if outcome.downloaded and outcome.reason is None:
+                    journal.append(_progress(outcome, out_dir, image_size))
 
         try:
             await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -324,7 +384,9 @@ def run_data_prep(
         "fetching %d images from %s (concurrency %d)", len(mine), redact_uri(blob_uri), concurrency
     )
     started = time.perf_counter()
-    rows = iter(mine[["id", "blob_path", "label"]].to_dict("records"))
+    repeated = mine["id"].astype(str).duplicated()
+    duplicates = _duplicates(mine, repeated)
+    rows = iter(mine[~repeated][["id", "blob_path", "label"]].to_dict("records"))
     previous = _previous_images(output_dir, output_dir / "manifest.csv")
     if shard.count > 1:
         # This node's part of an earlier run, which may never have been merged (another node
@@ -332,24 +394,59 @@ def run_data_prep(
         previous |= _previous_images(output_dir, shard.part(output_dir, "manifest"))
         for kind in ("stats", "manifest", "skipped"):
             shard.part(output_dir, kind).unlink(missing_ok=True)
+    journal_path = shard.journal(output_dir)
+    journaled = _journaled_images(output_dir, journal_path)
+    if journaled:
+        log.info("%d images are journaled by a run that did not finish", len(journaled))
+    previous |= journaled
     if previous:
         log.info("%d images of the previous run may be reused", len(previous))
-    outcomes = asyncio.run(_fetch_all(store, rows, output_dir, image_size, concurrency, previous))
+    with Journal(journal_path) as journal:
+        outcomes = asyncio.run(
+            _fetch_all(store, rows, output_dir, image_size, concurrency, previous, journal)
+        )
+    outcomes += duplicates
     seconds = time.perf_counter() - started
     extra = table[["id", *(c for c in table.columns if c not in _NOT_PASSED)]]
     manifest, skipped, stats = _tables(outcomes, extra, image_size, seconds)
     if shard.count == 1:
-        return _finish(manifest, skipped, stats, ids_dir, output_dir, max_skipped_fraction)
+        try:
+            stats = _finish(manifest, skipped, stats, ids_dir, output_dir, max_skipped_fraction)
+        except TooManySkippedError:
+            journal_path.unlink(missing_ok=True)  # finished, if failed: as without a journal
+            raise
+        journal_path.unlink(missing_ok=True)  # the manifest lists every image now
+        return stats
     _log_stats(stats, f"node {shard.rank} of {shard.count}: ")
     stats |= {"rank": shard.rank, "nodes": shard.count, "run": shard.run}
     write_csv(shard.part(output_dir, "manifest"), manifest)
     write_csv(shard.part(output_dir, "skipped"), skipped)
     write_json(shard.part(output_dir, "stats"), stats)  # last: the part is complete
+    journal_path.unlink(missing_ok=True)  # the part lists every image of the shard now
     merged = _merge_parts(output_dir, shard)
     if merged is None:
         return stats
     log.info("every shard of the run is complete: merging the %d parts", shard.count)
     return _finish(*merged, ids_dir, output_dir, max_skipped_fraction)
+
+
+def _duplicates(table: pd.DataFrame, repeated: pd.Series) -> list[Outcome]:
+    """A ``duplicate_id`` outcome for each row of ``table`` that repeats an earlier row's id
+    (``repeated``), naming both lines of ids.csv (the frame's index is the row number)."""
+    first: dict[str, int] = {}
+    outcomes = []
+    for index, row in table.iterrows():
+        image_id, line = str(row["id"]), int(str(index)) + 2  # after the header, from 1
+        first.setdefault(image_id, line)
+        if repeated[index]:
+            detail = (
+                f"ids.csv line {line} repeats the id of line {first[image_id]} "
+                f"(blob {row['blob_path']!r}); only the first is fetched"
+            )
+            outcomes.append(
+                Outcome(image_id, str(row["label"]), reason="duplicate_id", detail=detail)
+            )
+    return outcomes
 
 
 def _tables(
