@@ -33,6 +33,9 @@ from tests.conftest import DocumentMaker, ImageMaker
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# The local Cosmos DB-compatible server's certificate is self-signed; loopback only (by design).
+pytestmark = pytest.mark.filterwarnings("ignore:Unverified HTTPS request is being made to host")
+
 # Label text a person, another tool or an attacker may put in a document.
 HOSTILE = [
     "it's",
@@ -397,7 +400,6 @@ def cosmos_stores(cosmos_server: dict[str, str]) -> Iterator[dict[str, cosmos.Co
 
 
 @pytest.mark.servers
-@pytest.mark.filterwarnings("ignore:Unverified HTTPS request is being made to host")
 @settings(
     max_examples=8,
     deadline=None,
