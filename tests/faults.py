@@ -10,6 +10,10 @@ own event loop in a thread, so code under test may use any loop (or none).
         proxy.cut_next(connections=2, after_bytes=1_000)
         ...  # talk to http://127.0.0.1:{proxy.port}/...
         assert proxy.cut == 2
+
+:meth:`CuttingProxy.slow_down` makes it a slow network instead: every chunk of every response
+waits a while before it is passed on (a blob store far away), which gives a test the time to
+kill or cut something in the middle of a run.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 _CHUNK = 64 * 1024
@@ -38,6 +43,7 @@ class CuttingProxy:
         self.cut = 0
         self._cuts_left = 0
         self._after_bytes = 0
+        self.delay_s = 0.0
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -60,6 +66,12 @@ class CuttingProxy:
         counts as one of them). ``connections=-1``: every connection from now on."""
         with self._lock:
             self._cuts_left, self._after_bytes = connections, after_bytes
+
+    def slow_down(self, seconds: float) -> None:
+        """Hold every chunk of every response (from now on) for ``seconds`` before passing it
+        on; 0 for full speed again."""
+        with self._lock:
+            self.delay_s = seconds
 
     def stop(self) -> None:
         """Close the listener and every open connection, and end the thread."""
@@ -93,6 +105,10 @@ class CuttingProxy:
             task.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
 
+    def _delay(self) -> float:
+        with self._lock:
+            return self.delay_s
+
     def _take_cut(self) -> int | None:
         """The byte limit for a new connection, or None when it is not to be cut."""
         with self._lock:
@@ -123,7 +139,7 @@ class CuttingProxy:
             client_out.transport.abort()
             return
         upload = asyncio.create_task(_pipe(client_in, server_out, None))
-        download = asyncio.create_task(_pipe(server_in, client_out, limit))
+        download = asyncio.create_task(_pipe(server_in, client_out, limit, self._delay))
         try:
             await asyncio.wait({upload, download}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -146,14 +162,20 @@ class CuttingProxy:
 
 
 async def _pipe(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: int | None
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    limit: int | None,
+    delay: Callable[[], float] | None = None,
 ) -> bool:
-    """Copy until EOF, or until ``limit`` bytes (then True: the caller cuts the connection)."""
+    """Copy until EOF, or until ``limit`` bytes (then True: the caller cuts the connection);
+    each chunk waits ``delay()`` seconds first."""
     sent = 0
     while True:
         chunk = await reader.read(_CHUNK)
         if not chunk:
             return False
+        if delay is not None and (seconds := delay()) > 0:
+            await asyncio.sleep(seconds)
         if limit is not None and sent + len(chunk) >= limit:
             writer.write(chunk[: limit - sent])
             await writer.drain()
