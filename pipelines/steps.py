@@ -114,7 +114,11 @@ def moco_training(config: PipelineConfig, *, data: Any) -> Any:
     The node runs ``moco.processes_per_node`` processes on each of ``moco.nodes`` machines.
     """
     moco = config.moco
-    node = component("moco_train")(data=data, **moco.model_dump(mode="json"))
+    node = component("moco_train")(
+        data=data,
+        skip_unchanged=bool(config.retrain.skip_unchanged),
+        **moco.model_dump(mode="json"),
+    )
     _distributed(node, nodes=moco.nodes, processes_per_node=moco.processes_per_node)
     return _named(node, "moco_train")
 

@@ -270,6 +270,7 @@ def run_schedules(
     if args.schedule:
         name = args.schedule_name or f"sslpipe-{pipeline}-retrain"
         request = schedules.ScheduleRequest(name, args.schedule, args.time_zone).validated()
+        config = config.for_schedule()
         job = azureml.prepare_job(PIPELINES[pipeline](config), config)
         problems = azureml.validate_offline(job, config, submit=not args.dry_run)
         if problems:
@@ -310,6 +311,9 @@ def _print_summary(config: PipelineConfig, record: Any) -> None:
     for name, step in record.steps.items():
         for output, path in (step.outputs or {}).items():
             _echo(f"[sslpipe]   {name}.{output}: {path}")
+            skipped = Path(path) / "skipped.json"
+            if skipped.is_file():
+                _echo(f"[sslpipe] {name} skipped training: {read_json(skipped)['reason']}")
             report = Path(path) / "report.md"
             if report.is_file():
                 _echo(f"[sslpipe] report: {report}")

@@ -19,10 +19,12 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from sslpipe.architectures import BACKBONES
 from sslpipe.filters import ImageFilter
+from sslpipe.uris import credential_in_uri, redact_uri
 
 
 class ConfigError(ValueError):
@@ -39,6 +41,20 @@ class StoresConfig(_Section):
     metadata_uri: str | None = Field(None, description="sqlite:///… (default) or cosmos://…")
     blob_uri: str | None = Field(None, description="file:///… (default) or https://….blob…")
     tracking_uri: str | None = Field(None, description="MLflow tracking and registry URI")
+
+    @field_validator("metadata_uri", "blob_uri", "tracking_uri")
+    @classmethod
+    def _no_credentials(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # A store URI is a literal pipeline input: recorded, logged and sent to Azure ML.
+        found = credential_in_uri(value) if value else None
+        if found:
+            raise ValueError(
+                f"the URI carries a credential ({found}); store URIs are recorded and logged, "
+                f"so credentials come from the environment (e.g. AZURE_STORAGE_SAS_TOKEN, "
+                f"AZURE_STORAGE_CONNECTION_STRING, SSLPIPE_COSMOS_KEY) or Azure identity; "
+                f"remove it from stores.{info.field_name}"
+            )
+        return value
 
 
 class DataPrepConfig(_Section):
@@ -190,6 +206,30 @@ class EvaluateConfig(_Section):
     model_name: str = Field("image-classifier", min_length=1, description="registered name")
 
 
+class TrainConfig(_Section):
+    """Settings shared by both training steps; a step's own setting, when given, wins."""
+
+    processes: int | None = Field(
+        None, ge=1, description="moco.processes_per_node and classifier.processes_per_node"
+    )
+    nodes: int | None = Field(None, ge=1, description="moco.nodes and classifier.nodes")
+
+
+# train.<key> -> the key it sets in each training step's section
+_SHARED_TRAINING = {"processes": "processes_per_node", "nodes": "nodes"}
+_TRAINING_STEPS = ("moco", "classifier")
+
+
+class RetrainConfig(_Section):
+    """The retraining guard (sslpipe.retrain_guard) of the steps that register a model."""
+
+    skip_unchanged: bool | None = Field(
+        None,
+        description="skip training when data and settings equal the latest registered "
+        "version's; unset: on for scheduled runs (--schedule), off otherwise",
+    )
+
+
 class AzureMLConfig(_Section):
     """``--backend azureml``: the workspace and compute targets. Identity-based auth only.
 
@@ -214,11 +254,40 @@ class PipelineConfig(_Section):
     stores: StoresConfig = StoresConfig()
     filter: ImageFilter = ImageFilter()
     data_prep: DataPrepConfig = DataPrepConfig()
+    train: TrainConfig = TrainConfig()
     moco: MocoConfig = MocoConfig()
     labels: LabelsConfig = LabelsConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    retrain: RetrainConfig = RetrainConfig()
     azureml: AzureMLConfig = AzureMLConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_training_settings(cls, data: Any) -> Any:
+        """Copy ``train.*`` into the training steps' sections that do not set it themselves.
+
+        Before validation, so that each section checks the value with its own rules (the
+        queue of moco must hold whole global batches).
+        """
+        train = data.get("train") if isinstance(data, dict) else None
+        if not isinstance(train, dict):
+            return data
+        data = dict(data)
+        for key, target in _SHARED_TRAINING.items():
+            if train.get(key) is None:
+                continue
+            for step in _TRAINING_STEPS:
+                section = data.get(step) or {}
+                if isinstance(section, dict) and target not in section:
+                    data[step] = {**section, target: train[key]}
+        return data
+
+    def for_schedule(self) -> PipelineConfig:
+        """The configuration of scheduled runs: the retraining guard on unless set off."""
+        if self.retrain.skip_unchanged is not None:
+            return self
+        return self.model_copy(update={"retrain": RetrainConfig(skip_unchanged=True)})
 
     @property
     def workspace_dir(self) -> Path:
@@ -292,7 +361,10 @@ def _format_error(err: ValidationError) -> str:
         close = difflib.get_close_matches(key, known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
         return f"unknown configuration key {key!r}{hint}"
-    return f"invalid value for {key!r}: {first['msg']} (got {first.get('input')!r})"
+    given = first.get("input")
+    if key.startswith("stores.") and isinstance(given, str):
+        given = redact_uri(given)  # never repeat a credential
+    return f"invalid value for {key!r}: {first['msg']} (got {given!r})"
 
 
 def load_config(
@@ -309,6 +381,10 @@ def load_config(
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text (byte {err.start}: {err.reason})"
+            ) from None
         except yaml.YAMLError as err:
             problem = _yaml_problem(err)
             raise ConfigError(f"config file {path} is not valid YAML: {problem}") from None

@@ -205,6 +205,31 @@ class FakeJobs:
         self.calls.append(("stream", name, {}))
 
 
+class FakeComputes:
+    """The workspace's compute targets, by name, with their largest node count."""
+
+    def __init__(self, **max_instances: int) -> None:
+        self.targets = {
+            name: SimpleNamespace(name=name, max_instances=most)
+            for name, most in max_instances.items()
+        }
+
+    def get(self, name: str) -> Any:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        if name not in self.targets:
+            raise ResourceNotFoundError(f"compute {name} not found")
+        return self.targets[name]
+
+    def list(self) -> list[Any]:
+        return list(self.targets.values())
+
+
+def stand_in_workspace(**max_instances: int) -> SimpleNamespace:
+    computes = max_instances or {"cpu-cluster": 4, "gpu-cluster": 2}
+    return SimpleNamespace(jobs=FakeJobs(), compute=FakeComputes(**computes))
+
+
 @pytest.fixture
 def no_workspace_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for variable in azureml.WORKSPACE_SETTINGS.values():
@@ -216,7 +241,7 @@ def test_fake_submit_creates_the_job_in_the_experiment_and_streams_it(tmp_path: 
     """A stand-in client records the calls: the Azure ML service cannot be reached from here."""
     config = azure_config(tmp_path, *WORKSPACE)
     job = prepared("moco", config)
-    client = SimpleNamespace(jobs=FakeJobs())
+    client = stand_in_workspace()
     echoed: list[str] = []
     created = azureml.submit(job, config, ml_client=client, echo=echoed.append)
     assert created.name == "quiet_ant_123"
@@ -238,6 +263,34 @@ def test_fake_submit_without_workspace_settings_sends_nothing(tmp_path: Path) ->
         "azureml.subscription_id",
         "azureml.resource_group",
         "azureml.workspace_name",
+    ]
+    assert client.jobs.calls == []
+
+
+@pytest.mark.usefixtures("no_workspace_env")
+def test_a_compute_the_workspace_lacks_is_named_before_anything_is_sent(tmp_path: Path) -> None:
+    """A stand-in client: the Azure ML service cannot be reached from this machine."""
+    config = azure_config(tmp_path, *WORKSPACE, "azureml.gpu_compute=gpu-clustr")
+    client = stand_in_workspace()
+    with pytest.raises(azureml.AzureMLError) as err:
+        azureml.submit(prepared("moco", config), config, ml_client=client)
+    assert err.value.problems == [
+        "compute 'gpu-clustr' (for moco_train) does not exist in the workspace; it has "
+        "cpu-cluster, gpu-cluster (set azureml.cpu_compute or azureml.gpu_compute)"
+    ]
+    assert client.jobs.calls == []
+
+
+@pytest.mark.usefixtures("no_workspace_env")
+def test_more_nodes_than_the_cluster_scales_to_is_refused(tmp_path: Path) -> None:
+    """A stand-in client: the Azure ML service cannot be reached from this machine."""
+    config = azure_config(tmp_path, *WORKSPACE, "moco.nodes=4", "moco.queue_size=4096")
+    client = stand_in_workspace(**{"cpu-cluster": 4, "gpu-cluster": 2})
+    with pytest.raises(azureml.AzureMLError) as err:
+        azureml.submit(prepared("moco", config), config, ml_client=client)
+    assert err.value.problems == [
+        "step moco_train asks for 4 nodes but compute 'gpu-cluster' scales to at most 2 "
+        "(max_instances); lower the step's nodes or raise the maximum"
     ]
     assert client.jobs.calls == []
 

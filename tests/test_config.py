@@ -252,3 +252,54 @@ def test_data_prep_runs_on_one_node_unless_configured() -> None:
     with pytest.raises(ConfigError, match=r"^invalid value for 'data_prep.nodes'") as err:
         load_config(overrides=["data_prep.nodes=0"])
     assert_one_line(err)
+
+
+class TestSharedTrainingSettings:
+    def test_train_processes_sets_both_training_steps(self) -> None:
+        config = load_config(None, ["train.processes=2", "train.nodes=2"])
+        for section in (config.moco, config.classifier):
+            assert (section.processes_per_node, section.nodes) == (2, 2)
+
+    def test_a_step_setting_wins_over_the_shared_one(self) -> None:
+        config = load_config(None, ["train.processes=2", "classifier.processes_per_node=1"])
+        assert config.moco.processes_per_node == 2
+        assert config.classifier.processes_per_node == 1
+
+    def test_unset_shared_settings_change_nothing(self) -> None:
+        assert load_config(None, []).moco == load_config(None, ["train.nodes=null"]).moco
+
+    def test_the_shared_value_is_checked_by_each_step(self) -> None:
+        with pytest.raises(ConfigError, match=r"'moco.processes_per_node'.*multiple of 192"):
+            load_config(None, ["train.processes=3"])
+        with pytest.raises(ConfigError, match=r"'train.processes'.*greater than or equal to 1"):
+            load_config(None, ["train.processes=0"])
+
+
+@pytest.mark.parametrize(
+    ("key", "uri", "found"),
+    [
+        ("blob_uri", "https://acct.blob.core.windows.net/images?sv=2024&sig=S3CRET", "sig, sv"),
+        ("metadata_uri", "cosmos://user:S3CRET@acct.documents.azure.com/db/c", "user info"),
+        ("tracking_uri", "https://mlflow.example/?token=S3CRET", "token"),
+    ],
+)
+def test_a_credential_in_a_store_uri_is_refused_without_repeating_it(
+    key: str, uri: str, found: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"credential .*{found}.*stores.{key}") as err:
+        load_config(None, [f"stores.{key}={uri}"])
+    assert "S3CRET" not in str(err.value)
+    assert_one_line(err)
+
+
+def test_store_uris_without_credentials_are_kept() -> None:
+    udf = "cosmos://127.0.0.1:8081/sslpipe/images?filter=udf"
+    assert load_config(None, [f"stores.metadata_uri={udf}"]).stores.metadata_uri == udf
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("workspace: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text") as err:
+        load_config(path)
+    assert_one_line(err)

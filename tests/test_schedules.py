@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from pipelines import PIPELINES
 from sslpipe import cli, schedules
 from sslpipe.config import load_config
 from sslpipe.schedules import ScheduleError, ScheduleRequest, validate_cron, validate_time_zone
@@ -175,3 +176,27 @@ def test_a_stand_in_workspace_gets_create_list_disable_and_delete(
     out = capsys.readouterr().out
     assert "sslpipe-moco-retrain  '0 2 * * *'  UTC  enabled" in out
     assert schedules.list_schedules(client)[0]["cron"] == "0 2 * * *"
+
+
+def _guard_input(job: Any, step: str) -> Any:
+    return job.jobs[step].inputs["skip_unchanged"]._data
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"), [([], True), (["retrain.skip_unchanged=false"], False)]
+)
+def test_scheduled_runs_have_the_retraining_guard_on_unless_it_is_set_off(
+    tmp_path: Path, setting: list[str], expected: bool
+) -> None:
+    config = load_config(None, [f"workspace={tmp_path}", *AZURE_STORES, *WORKSPACE, *setting])
+    client = SimpleNamespace(schedules=FakeSchedules())
+    assert cli.run_schedules("moco", config, _args(schedule="0 2 * * *"), ml_client=client) == 0
+    job = client.schedules.stored["sslpipe-moco-retrain"].create_job
+    assert _guard_input(job, "moco_train") is expected
+
+
+def test_one_off_runs_train_unless_the_guard_is_asked_for() -> None:
+    assert load_config(None, []).retrain.skip_unchanged is None
+    assert load_config(None, []).for_schedule().retrain.skip_unchanged is True
+    job = PIPELINES["moco"](load_config(None, []))
+    assert _guard_input(job, "moco_train") is False

@@ -29,7 +29,7 @@ import httpx
 from label_studio_sdk import LabelStudio, PredictionRequest
 from label_studio_sdk.core.api_error import ApiError
 
-from sslpipe.uris import redact_uri
+from sslpipe.uris import is_loopback_host, redact_uri
 
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
 URL_ENV = "LABEL_STUDIO_URL"
@@ -149,12 +149,20 @@ def _as_dict(model: Any) -> dict[str, Any]:
 
 
 def check_url(url: str) -> str:
-    """``url`` without a trailing slash; raises ValueError unless it is an http(s) URL."""
+    """``url`` without a trailing slash; raises ValueError unless it is an http(s) URL.
+
+    Plain http only to a loopback host: the API token goes with every request.
+    """
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ValueError(
             f"Label Studio URL {redact_uri(url)!r} is not an http(s) URL; "
             "expected e.g. http://127.0.0.1:8080"
+        )
+    if parsed.scheme == "http" and not is_loopback_host(parsed.hostname or ""):
+        raise ValueError(
+            f"Label Studio URL {redact_uri(url)!r} is plain http to another machine, which "
+            "would send the API token unencrypted; use https (http only for loopback hosts)"
         )
     return url.rstrip("/")
 

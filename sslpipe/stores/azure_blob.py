@@ -50,7 +50,7 @@ from azure.storage.blob.aio import BlobServiceClient, ContainerClient, Exponenti
 
 from sslpipe.logs import get_logger
 from sslpipe.stores.base import BlobInfo, BlobNotFoundError, BlobStore, StoreError, blob_key
-from sslpipe.uris import redact_uri
+from sslpipe.uris import is_loopback_host, redact_uri
 
 log = get_logger("stores.azure_blob")
 
@@ -90,15 +90,6 @@ class BlobLocation:
         return f"{self.account_url}/{self.container}"
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _is_path_style(host: str) -> bool:
     """Emulators and IP endpoints put the account in the path, not in the host name."""
     if host.lower() == "localhost":
@@ -131,7 +122,7 @@ def parse_blob_uri(uri: str) -> BlobLocation:
             f"{shown!r}: credentials in the URI's user part are not supported; use a SAS token "
             f"in the query or the {CONNECTION_STRING_ENV} / {ACCOUNT_KEY_ENV} environment"
         )
-    if parsed.scheme == "http" and not _is_loopback(host):
+    if parsed.scheme == "http" and not is_loopback_host(host):
         raise StoreError(
             f"refusing plain http for {shown!r}: only a local emulator on a loopback address "
             "(127.0.0.1, ::1, localhost) may be reached without TLS; use https://"

@@ -239,6 +239,12 @@ def test_a_url_that_is_not_http_is_refused() -> None:
         connect("ftp://host/x", token="t")
 
 
+@pytest.mark.parametrize("url", ["http://labels.example.com", "http://10.0.0.7:8080"])
+def test_plain_http_to_another_machine_is_refused_before_the_token_is_sent(url: str) -> None:
+    with pytest.raises(ValueError, match=r"plain http to another machine.*use https"):
+        connect(url, token="t")
+
+
 # --- the command line --------------------------------------------------------------------------
 
 

@@ -212,19 +212,14 @@ def test_no_secret_in_the_mlflow_parameters_tags_or_console(runs: dict[str, Any]
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a SAS token in stores.blob_uri is a literal pipeline input: it is dumped into "
-    "the Azure ML pipeline YAML, and a local run prints it and records it in the step commands "
-    "(log.txt), run.json and graph.json; sslpipe/config.py does not refuse credentials in "
-    "store URIs (AZURE_STORAGE_SAS_TOKEN is the place for them)",
-)
 @pytest.mark.parametrize("backend", ["azureml", "local"])
 def test_a_sas_token_in_the_blob_uri_is_refused_or_kept_out_of_everything_written(
     tmp_path: Path, backend: str
 ) -> None:
     sets = [AZURE_STORES[0], f"stores.blob_uri={AZURE_STORES[1].split('=', 1)[1]}?{SAS_TOKEN}"]
     done = _execute(tmp_path, "moco", sets, "--backend", backend, "--dry-run")
+    assert done.returncode == 2, done.stderr
+    assert "carries a credential" in done.stderr and "AZURE_STORAGE_SAS_TOKEN" in done.stderr
     assert not list(_leaks((done.stdout + done.stderr).encode(), "console"))
     found, _ = find_secrets(tmp_path)
     assert not found, found
