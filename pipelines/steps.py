@@ -92,6 +92,11 @@ def train_and_evaluate(
     ``classifier.nodes`` machines.
     """
     inputs = classifier.model_dump(mode="json")
+    if register:  # the guard compares with the model evaluate registers; a baseline trains
+        inputs |= {
+            "skip_unchanged": bool(config.retrain.skip_unchanged),
+            "model_name": config.evaluate.model_name,
+        }
     if backbone_model is not None:
         inputs["backbone_model"] = backbone_model
     train = component("classifier_train")(data=data, **inputs)

@@ -90,7 +90,7 @@ def _store_problems(job: PipelineJob) -> list[str]:
             instead = URI_ALTERNATIVES.get(key, "a cloud store URI")
             problems.append(
                 f"input {where} = {literal!r} is a local store that Azure ML compute cannot "
-                f"reach; set stores.{key} to {instead}"
+                f"reach; set stores.{key} to {instead} (configs/azure.yaml is a template)"
             )
     return problems
 

@@ -193,6 +193,11 @@ def test_scheduled_runs_have_the_retraining_guard_on_unless_it_is_set_off(
     assert cli.run_schedules("moco", config, _args(schedule="0 2 * * *"), ml_client=client) == 0
     job = client.schedules.stored["sslpipe-moco-retrain"].create_job
     assert _guard_input(job, "moco_train") is expected
+    assert cli.run_schedules("full", config, _args(schedule="0 2 * * 1"), ml_client=client) == 0
+    job = client.schedules.stored["sslpipe-full-retrain"].create_job
+    assert _guard_input(job, "moco_train") is expected
+    assert _guard_input(job, "classifier_train") is expected
+    assert not _guard_input(job, "baseline_classifier_train")  # a baseline is not registered
 
 
 def test_one_off_runs_train_unless_the_guard_is_asked_for() -> None:

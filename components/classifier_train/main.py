@@ -17,6 +17,8 @@ def main(args: dict[str, Any]) -> None:
         config=config,
         backbone_dir=args["backbone_model"],
         resume=args["resume"],
+        skip_unchanged=args["skip_unchanged"],
+        model_name=args["model_name"],
     )
 
 

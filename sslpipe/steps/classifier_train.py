@@ -34,7 +34,6 @@ process resumes from rank 0's checkpoint.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -50,7 +49,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from sslpipe import distributed
+from sslpipe import distributed, retrain_guard
 from sslpipe.classifier.augment import eval_transform, train_transform
 from sslpipe.classifier.backbones import resolve_backbone
 from sslpipe.classifier.model import ClassifierHead, ImageClassifier, save_classifier
@@ -258,8 +257,25 @@ def _check_replicas_agree(model: nn.Module, device: torch.device) -> None:
         )
 
 
-def _fingerprint(manifest_path: Path) -> str:
-    return hashlib.sha256(manifest_path.read_bytes()).hexdigest()[:16]
+def _setup_fingerprint(config: ClassifierConfig, backbone: dict[str, Any]) -> str:
+    """What determines the classifier besides the data: its settings (but the worker count)
+    and the backbone it trains on (:func:`_backbone_identity`)."""
+    settings = config.model_dump(mode="json", exclude={"num_workers"})
+    return retrain_guard.setup_fingerprint({"config": settings, "backbone": backbone})
+
+
+def _guard(
+    model_name: str, model_dir: Path, *, data: str, setup: str, main: bool
+) -> str | None:
+    """The reason to skip training (``model_dir`` then holds ``skipped.json``), or None."""
+    decision = retrain_guard.decide(model_name, data=data, setup=setup)
+    if not decision.skip:
+        log.info("retraining: %s", decision.reason)
+        return None
+    log.info("SKIPPING TRAINING: %s; the registered classifier stays", decision.reason)
+    if main:
+        retrain_guard.write_skipped(model_dir, decision, step="classifier_train")
+    return decision.reason
 
 
 def _backbone_identity(lineage: dict[str, Any]) -> dict[str, Any]:
@@ -346,9 +362,16 @@ def run_classifier_train(
     config: ClassifierConfig,
     backbone_dir: Path | None = None,
     resume: bool = True,
+    skip_unchanged: bool = False,
+    model_name: str = "image-classifier",
     env: distributed.DistEnv | None = None,
 ) -> dict[str, Any]:
     """Train the classifier, checkpoint every epoch and write the classifier folder.
+
+    With ``skip_unchanged`` (the retraining guard, :mod:`sslpipe.retrain_guard`), nothing is
+    trained when the data, settings and backbone equal those of the latest registered version
+    of ``model_name`` (the name evaluate registers under): ``model_dir`` then holds only
+    ``skipped.json`` and the result's ``skipped`` says why.
 
     Runs in one process, or in each of ``config.nodes x config.processes_per_node`` processes
     started by torchrun or Azure ML (``env``: default, read from the environment). Every
@@ -356,7 +379,8 @@ def run_classifier_train(
 
     Returns:
         ``{"metrics": train_metrics.json's content, "history": per-epoch rows,
-        "lineage": the classifier's lineage}``.
+        "lineage": the classifier's lineage}``, plus ``"skipped"`` (the reason) when the
+        guard skipped training.
 
     Raises:
         ValueError: bad data (no train or val rows, a label missing from labels.json), an
@@ -382,6 +406,7 @@ def run_classifier_train(
             config=config,
             backbone_dir=backbone_dir,
             resume=resume,
+            guard_model=model_name if skip_unchanged else None,
             env=env,
             device=device,
         )
@@ -433,6 +458,7 @@ def _run(
     config: ClassifierConfig,
     backbone_dir: Path | None,
     resume: bool,
+    guard_model: str | None,
     env: distributed.DistEnv,
     device: torch.device,
 ) -> dict[str, Any]:
@@ -443,6 +469,12 @@ def _run(
         log.warning("%d manifest rows outside train/val/test are ignored", data.ignored_rows)
     _configure_tracking(env)  # the registry lives where tracking points
     backbone, spec, backbone_lineage = resolve_backbone(config.backbone, backbone_dir=backbone_dir)
+    fingerprint = retrain_guard.data_fingerprint(data_dir)
+    setup = _setup_fingerprint(config, _backbone_identity(backbone_lineage))
+    if guard_model is not None:
+        reason = _guard(guard_model, model_dir, data=fingerprint, setup=setup, main=main)
+        if reason is not None:
+            return {"metrics": None, "history": [], "lineage": None, "skipped": reason}
     model = build_classifier(backbone, spec.feature_dim, len(data.classes), config).to(device)
 
     train_rows = expand_repeats(data.split("train"))
@@ -469,7 +501,6 @@ def _run(
     )
     criterion = make_criterion(data.class_weights)  # scores validation logits on the CPU
     train_criterion = make_criterion(data.class_weights).to(device)
-    fingerprint = _fingerprint(data_dir / "manifest.csv")
     identity = _identity(config, fingerprint, _backbone_identity(backbone_lineage))
     stages = stages_for(config)
 
@@ -669,6 +700,7 @@ def _run(
             "balance": balance,
             "num_images": num_images,
             "data_fingerprint": fingerprint,
+            "setup_fingerprint": setup,
             "mlflow_run_id": state.mlflow_run_id,
             "pipeline_run_id": os.environ.get("SSLPIPE_RUN_ID"),
             "mode": config.mode,

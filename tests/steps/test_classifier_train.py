@@ -26,7 +26,7 @@ from sslpipe.classifier import CLASSIFIER_FORMAT, load_classifier_dir
 from sslpipe.classifier.augment import eval_transform
 from sslpipe.classifier.train import LabelledImageDataset, macro_f1, predict, read_labelled_data
 from sslpipe.component_cli import build_parser, load_spec, run_component
-from sslpipe.config import ClassifierConfig
+from sslpipe.config import ClassifierConfig, EvaluateConfig
 from sslpipe.executor.local import format_value, resolve_command
 from sslpipe.moco.backbone import BackboneSpec, build_backbone
 from sslpipe.registry import configure_tracking
@@ -502,7 +502,13 @@ PLACEHOLDER = re.compile(r"\$\{\{(inputs|outputs)\.(\w+)\}\}")
 def test_the_component_inputs_mirror_the_classifier_config() -> None:
     spec = load_spec(COMPONENT)
     inputs = spec["inputs"]
-    assert set(inputs) == set(ClassifierConfig.model_fields) | {"data", "backbone_model", "resume"}
+    step_inputs = {"data", "backbone_model", "resume", "skip_unchanged", "model_name"}
+    assert set(inputs) == set(ClassifierConfig.model_fields) | step_inputs
+    assert (inputs["skip_unchanged"]["type"], inputs["skip_unchanged"]["default"]) == (
+        "boolean",
+        False,
+    )
+    assert inputs["model_name"]["default"] == EvaluateConfig().model_name
     assert inputs["data"]["type"] == "uri_folder"
     assert inputs["backbone_model"]["optional"] is True
     assert inputs["backbone_model"]["type"] == "uri_folder"
@@ -577,8 +583,62 @@ def test_the_rendered_command_reaches_the_step(
     assert call["config"] == ClassifierConfig(epochs=7, mode="two_stage")
     assert call["backbone_dir"] == (Path(backbone_model) if backbone_model else None)
     assert call["resume"] is True
+    assert (call["skip_unchanged"], call["model_name"]) == (False, "image-classifier")
     assert (call["data_dir"], call["model_dir"], call["checkpoint_dir"]) == (
         Path("/mnt/data"),
         Path("/out/model"),
         Path("/out/ckpt"),
     )
+
+
+# --- the retraining guard ----------------------------------------------------------------------
+
+
+def test_the_retraining_guard_skips_until_the_data_or_the_backbone_changes(
+    tmp_path: Path, tracking: str
+) -> None:
+    from sslpipe.steps.evaluate import run_evaluate
+
+    name = "guarded-classifier"
+    data = make_labelled_data(tmp_path / "data", per_split={"train": 4, "val": 2, "test": 2})
+    config = ClassifierConfig(**{"backbone": "torchvision:resnet18", **FAST, "epochs": 1})
+
+    def guarded(run: str, backbone_dir: Path | None = None) -> tuple[dict[str, Any], Any]:
+        trained = run_classifier_train(
+            data_dir=data,
+            model_dir=tmp_path / run / "model",
+            checkpoint_dir=tmp_path / run / "checkpoint",
+            config=config,
+            backbone_dir=backbone_dir,
+            skip_unchanged=True,
+            model_name=name,
+        )
+        evaluated = run_evaluate(
+            model_dir=tmp_path / run / "model",
+            data_dir=data,
+            output_dir=tmp_path / run / "report",
+            model_name=name,
+        )
+        return trained, evaluated
+
+    first, evaluated = guarded("first")
+    assert "skipped" not in first and evaluated["registered"]["version"] == "1"
+    tags = mlflow.MlflowClient().get_model_version(name, "1").tags
+    assert tags["lineage.data_fingerprint"] == first["lineage"]["data_fingerprint"]
+    assert tags["lineage.setup_fingerprint"] == first["lineage"]["setup_fingerprint"]
+
+    second, evaluated = guarded("second")  # nothing changed: nothing trained or registered
+    assert f"unchanged since models:/{name}/1" in second["skipped"]
+    assert evaluated["registered"] is None
+    assert sorted(p.name for p in (tmp_path / "second" / "model").iterdir()) == ["skipped.json"]
+    assert "Training skipped" in (tmp_path / "second" / "report" / "report.md").read_text()
+
+    backbone_folder(tmp_path / "backbone")  # another backbone: the setup changed
+    third, evaluated = guarded("third", backbone_dir=tmp_path / "backbone")
+    assert "skipped" not in third and evaluated["registered"]["version"] == "2"
+
+    manifest = pd.read_csv(data / "manifest.csv")
+    manifest.loc[0, "label"] = "green" if manifest.loc[0, "label"] != "green" else "red"
+    manifest.to_csv(data / "manifest.csv", index=False)  # a relabelled image: new data
+    fourth, evaluated = guarded("fourth", backbone_dir=tmp_path / "backbone")
+    assert "skipped" not in fourth and evaluated["registered"]["version"] == "3"
