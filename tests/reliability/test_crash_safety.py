@@ -441,22 +441,36 @@ def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return env
 
 
-def _kill_inside_epoch_2(
-    tmp_path: Path, which: str, arguments: dict[str, Any], steps_per_epoch: int
-) -> Path:
-    """Start the training in a process, SIGKILL it after step 2 of epoch 2; the marker."""
+def _train(tmp_path: Path, which: str, arguments: dict[str, Any], delay_s: float = 0.0) -> Any:
+    """Start the training in a process of its own (each run loads the code afresh)."""
     runner, marker = tmp_path / "runner.py", tmp_path / "steps.txt"
     runner.write_text(STEP_HOOK_RUNNER)
-    argv = [sys.executable, str(runner), str(marker), "0.5", which, json.dumps(arguments)]
-    process = subprocess.Popen(argv, cwd=REPO, env=os.environ.copy(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    argv = [sys.executable, str(runner), str(marker), str(delay_s), which, json.dumps(arguments)]
+    errors = subprocess.PIPE if delay_s == 0 else subprocess.DEVNULL
+    return subprocess.Popen(
+        argv, cwd=REPO, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=errors
+    )
+
+
+def _run_to_the_end(tmp_path: Path, which: str, arguments: dict[str, Any]) -> None:
+    process = _train(tmp_path, which, arguments)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err.decode(errors="replace")[-3000:]
+
+
+def _kill_inside_epoch_2(
+    tmp_path: Path, which: str, arguments: dict[str, Any], steps_per_epoch: int
+) -> None:
+    """Run the training slowed by the step hook and SIGKILL it after step 2 of epoch 2."""
+    marker = tmp_path / "steps.txt"
+    marker.unlink(missing_ok=True)
+    process = _train(tmp_path, which, arguments, delay_s=0.5)
 
     def steps() -> int:
         return len(marker.read_text().splitlines()) if marker.exists() else 0
 
     _kill_when(process, lambda: steps() >= steps_per_epoch + 2, "a step inside epoch 2")
     assert steps() < 2 * steps_per_epoch  # killed before epoch 2 ended
-    return marker
 
 
 def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -465,37 +479,28 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
 
 
+def _arguments(data: Path, tmp_path: Path, name: str, config: Any) -> dict[str, Any]:
+    return {
+        "data_dir": str(data),
+        "model_dir": str(tmp_path / name),
+        "checkpoint_dir": str(tmp_path / f"{name}-checkpoint"),
+        "config": config.model_dump(),
+    }
+
+
 def test_moco_killed_mid_epoch_resumes_to_the_same_weights(
     tmp_path: Path, tracking: dict[str, str]
 ) -> None:
-    data = make_data(tmp_path / "data", count=96)  # 6 steps of 16 per epoch
-    config = MocoConfig(epochs=3, **SMALL)
-    moco_train.run_moco_train(
-        data_dir=data,
-        model_dir=tmp_path / "straight",
-        checkpoint_dir=tmp_path / "c1",
-        config=config,
-        register=False,
-    )
-    arguments = {
-        "data_dir": str(data),
-        "model_dir": str(tmp_path / "resumed"),
-        "checkpoint_dir": str(tmp_path / "c2"),
-        "config": config.model_dump(),
-    }
-    _kill_inside_epoch_2(tmp_path, "moco", arguments, steps_per_epoch=6)
-    checkpoint = torch.load(tmp_path / "c2" / moco_train.CHECKPOINT_FILE, weights_only=True)
-    assert checkpoint["epoch"] == 1  # the last whole epoch; epoch 2 was cut off mid-way
+    data = make_data(tmp_path / "data", count=48)  # 3 steps of 16 per epoch
+    config = MocoConfig(epochs=2, **SMALL)
+    resumed = _arguments(data, tmp_path, "resumed", config)
+    _kill_inside_epoch_2(tmp_path, "moco", resumed, steps_per_epoch=3)
+    checkpoint_file = tmp_path / "resumed-checkpoint" / moco_train.CHECKPOINT_FILE
+    assert torch.load(checkpoint_file, weights_only=True)["epoch"] == 1  # epoch 2 was cut off
     assert not (tmp_path / "resumed" / "backbone.pt").exists()
 
-    moco_train.run_moco_train(
-        data_dir=data,
-        model_dir=tmp_path / "resumed",
-        checkpoint_dir=tmp_path / "c2",
-        config=config,
-        resume=True,
-        register=False,
-    )
+    _run_to_the_end(tmp_path, "moco", resumed)  # resumes from the checkpoint of epoch 1
+    _run_to_the_end(tmp_path, "moco", _arguments(data, tmp_path, "straight", config))
     _assert_same_weights(
         torch.load(tmp_path / "straight" / "backbone.pt", weights_only=True),
         torch.load(tmp_path / "resumed" / "backbone.pt", weights_only=True),
@@ -507,29 +512,16 @@ def test_classifier_killed_mid_epoch_resumes_to_the_same_weights(
 ) -> None:
     data = make_labelled_data(tmp_path / "data")  # 24 training images: 3 steps of 8 per epoch
     config = ClassifierConfig(
-        **{**FAST, "patience": 10}, backbone="torchvision:resnet18", mode="head", epochs=3
+        **{**FAST, "patience": 10}, backbone="torchvision:resnet18", mode="head", epochs=2
     )
-    classifier_train.run_classifier_train(
-        data_dir=data,
-        model_dir=tmp_path / "straight",
-        checkpoint_dir=tmp_path / "c1",
-        config=config,
-    )
-    arguments = {
-        "data_dir": str(data),
-        "model_dir": str(tmp_path / "resumed"),
-        "checkpoint_dir": str(tmp_path / "c2"),
-        "config": config.model_dump(),
-    }
-    _kill_inside_epoch_2(tmp_path, "classifier", arguments, steps_per_epoch=3)
-    checkpoint = torch.load(tmp_path / "c2" / classifier_train.CHECKPOINT_FILE, weights_only=True)
-    assert checkpoint["epoch"] == 1
+    resumed = _arguments(data, tmp_path, "resumed", config)
+    _kill_inside_epoch_2(tmp_path, "classifier", resumed, steps_per_epoch=3)
+    checkpoint_file = tmp_path / "resumed-checkpoint" / classifier_train.CHECKPOINT_FILE
+    assert torch.load(checkpoint_file, weights_only=True)["epoch"] == 1
     assert not (tmp_path / "resumed" / "classifier.pt").exists()
 
-    classifier_train.run_classifier_train(
-        data_dir=data, model_dir=tmp_path / "resumed", checkpoint_dir=tmp_path / "c2",
-        config=config, resume=True,
-    )  # fmt: skip
+    _run_to_the_end(tmp_path, "classifier", resumed)
+    _run_to_the_end(tmp_path, "classifier", _arguments(data, tmp_path, "straight", config))
     _assert_same_weights(
         torch.load(tmp_path / "straight" / "classifier.pt", weights_only=True),
         torch.load(tmp_path / "resumed" / "classifier.pt", weights_only=True),
