@@ -53,7 +53,7 @@ def blur_kernel_size(image_size: int) -> int:
     return size if size % 2 == 1 else size + 1
 
 
-def moco_v2_transform(
+def validate_moco_v2_arguments(
     image_size: int,
     *,
     min_scale: float = 0.2,
@@ -65,24 +65,8 @@ def moco_v2_transform(
     horizontal_flip_p: float = 0.5,
     vertical_flip_p: float = 0.0,
     rotation_degrees: float = 0.0,
-) -> T.Compose:
-    """Random augmentation producing one view, PIL image -> (3, image_size, image_size) float.
-
-    Defaults are MoCo v2's (``aug_plus`` in facebookresearch/moco).
-
-    Args:
-        image_size: Side of the output crop in pixels, >= 8.
-        min_scale: Lower bound of the crop area fraction of RandomResizedCrop (0.2 in MoCo v2).
-        jitter_strength: Brightness, contrast and saturation jitter; hue jitter is a quarter of
-            it, giving MoCo v2's ColorJitter(0.4, 0.4, 0.4, 0.1) by default. In [0, 2].
-        jitter_p: Probability of applying the colour jitter (0.8).
-        grayscale_p: Probability of converting to grayscale (0.2).
-        blur_p: Probability of Gaussian blur (0.5).
-        blur_sigma: Range (low, high) the blur sigma is drawn from ((0.1, 2.0)).
-        horizontal_flip_p: Probability of a horizontal flip (0.5).
-        vertical_flip_p: Probability of a vertical flip (0.0, off).
-        rotation_degrees: Random rotation in [-d, d] degrees (0.0, off).
-    """
+) -> None:
+    """Raise ValueError unless the arguments describe a valid :func:`moco_v2_transform`."""
     _check_image_size(image_size, "moco_v2_transform")
     if not isinstance(min_scale, int | float) or not 0.0 < min_scale <= 1.0:
         raise ValueError(
@@ -121,6 +105,49 @@ def moco_v2_transform(
             "Use 0 to disable rotation."
         )
 
+
+def moco_v2_transform(
+    image_size: int,
+    *,
+    min_scale: float = 0.2,
+    jitter_strength: float = 0.4,
+    jitter_p: float = 0.8,
+    grayscale_p: float = 0.2,
+    blur_p: float = 0.5,
+    blur_sigma: tuple[float, float] = (0.1, 2.0),
+    horizontal_flip_p: float = 0.5,
+    vertical_flip_p: float = 0.0,
+    rotation_degrees: float = 0.0,
+) -> T.Compose:
+    """Random augmentation producing one view, PIL image -> (3, image_size, image_size) float.
+
+    Defaults are MoCo v2's (``aug_plus`` in facebookresearch/moco).
+
+    Args:
+        image_size: Side of the output crop in pixels, >= 8.
+        min_scale: Lower bound of the crop area fraction of RandomResizedCrop (0.2 in MoCo v2).
+        jitter_strength: Brightness, contrast and saturation jitter; hue jitter is a quarter of
+            it, giving MoCo v2's ColorJitter(0.4, 0.4, 0.4, 0.1) by default. In [0, 2].
+        jitter_p: Probability of applying the colour jitter (0.8).
+        grayscale_p: Probability of converting to grayscale (0.2).
+        blur_p: Probability of Gaussian blur (0.5).
+        blur_sigma: Range (low, high) the blur sigma is drawn from ((0.1, 2.0)).
+        horizontal_flip_p: Probability of a horizontal flip (0.5).
+        vertical_flip_p: Probability of a vertical flip (0.0, off).
+        rotation_degrees: Random rotation in [-d, d] degrees (0.0, off).
+    """
+    validate_moco_v2_arguments(
+        image_size,
+        min_scale=min_scale,
+        jitter_strength=jitter_strength,
+        jitter_p=jitter_p,
+        grayscale_p=grayscale_p,
+        blur_p=blur_p,
+        blur_sigma=blur_sigma,
+        horizontal_flip_p=horizontal_flip_p,
+        vertical_flip_p=vertical_flip_p,
+        rotation_degrees=rotation_degrees,
+    )
     s = float(jitter_strength)
     steps: list[Callable[..., object]] = [
         ConvertRGB(),

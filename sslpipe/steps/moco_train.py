@@ -49,8 +49,8 @@ from sslpipe.moco import (
     build_backbone,
     eval_transform,
     leave_one_out_knn_top1,
-    moco_v2_transform,
 )
+from sslpipe.moco.batch_augment import BatchMoCoV2Augment, crop_transform
 from sslpipe.registry import (
     configure_tracking,
     download_model,
@@ -198,12 +198,20 @@ def _train_epoch(
     loader: DataLoader[Any],
     optimizer: torch.optim.Optimizer,
     device: torch.device | None = None,
+    augment: BatchMoCoV2Augment | None = None,
 ) -> tuple[float, int]:
-    """One pass over this process's images: (mean loss over all processes, steps)."""
+    """One pass over this process's images: (mean loss over all processes, steps).
+
+    With ``augment``, the loader yields ``uint8`` crops and the rest of the MoCo v2 recipe
+    runs here, batched, on ``device`` (see :mod:`sslpipe.moco.batch_augment`).
+    """
     device = device or torch.device("cpu")
     model.train()
     total, steps = 0.0, 0
     for x_query, x_key in loader:
+        if augment is not None:
+            x_query = augment(x_query.to(device, non_blocking=True))
+            x_key = augment(x_key.to(device, non_blocking=True))
         loss = model(_on(device, x_query), _on(device, x_key))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -463,12 +471,16 @@ def _run(
     _check_same_start(state.epoch, checkpoint_dir, device)
     model.distribute(device_ids=[device.index] if device.type == "cuda" else None)
 
-    augment = moco_v2_transform(
+    # MoCo v2's augmentations in two parts: the random crop per image in the DataLoader
+    # workers (small uint8 crops), the photometric ops and flips batched on the device.
+    augment = BatchMoCoV2Augment(
         config.image_size,
         vertical_flip_p=0.5 if config.vertical_flip else 0.0,
         rotation_degrees=config.rotation_degrees,
     )
-    train_set = ImageFolderDataset(data_dir, list(manifest["path"]), TwoCropsTransform(augment))
+    train_set = ImageFolderDataset(
+        data_dir, list(manifest["path"]), TwoCropsTransform(crop_transform(config.image_size))
+    )
     labelled = manifest[manifest["label"] != ""]
     classes = sorted(set(labelled["label"]))
     knn_set = ImageFolderDataset(
@@ -524,7 +536,7 @@ def _run(
                 pin_memory=device.type == "cuda",
             )
             started = time.perf_counter()
-            loss, steps = _train_epoch(model, loader, optimizer, device)
+            loss, steps = _train_epoch(model, loader, optimizer, device, augment)
             seconds = time.perf_counter() - started
             _check_replicas_agree(model, device)
             losses.append(loss)
