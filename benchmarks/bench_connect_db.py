@@ -14,14 +14,21 @@ fresh child process that also reports its peak RSS. Baselines:
 
 - SQLite: a naive scan of the JSON text in the same file (``documents NOT INDEXED``,
   ``json_extract`` / ``json_each`` for every condition, then a sort by id);
-- Cosmos-compatible server (the first 100,000 of the same documents): a plain-Python scan,
+- Cosmos-compatible server (the first 10,000 of the same documents): a plain-Python scan,
   every document read with ``SELECT * FROM c`` and filtered in Python.
 
-Every baseline must select the same ids as the project (checked, or the row fails). The Cosmos
-server is a private instance (:mod:`benchmarks.cosmos_server`) that keeps its documents between
-runs. It has no indexes, and the project's select reads the selected documents back in chunks
-of 100 ids, each a full scan there, so a large selection grows with selected x stored: a
-project query is stopped after :data:`COSMOS_CAP_S` and reported as such.
+Every baseline must select the same ids as the project (checked, or the row fails).
+
+The Cosmos server is a private instance (:mod:`benchmarks.cosmos_server`) that keeps its
+documents between runs. The issue asks for 100,000 documents there, but that server (npm
+``@vercel/cosmosdb-server``, single-threaded, no indexes) evaluates every query over the whole
+container for every page: filled with 100,000 documents (888 s), it did not answer the first
+page of ``SELECT * FROM c`` within the SDK's 5 s read timeout, and while it worked on one query
+it did not answer the next client's connection within 3 s, so neither the project nor the
+baseline could run at all. 10,000 documents is the largest size it serves. The project's
+select also reads the selected documents back in chunks of 100 ids (``ARRAY_CONTAINS``), each
+a full scan on this server, so its time grows with selected x stored; a project query is
+stopped after :data:`COSMOS_CAP_S` and reported as such.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import random
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -49,11 +56,10 @@ from benchmarks.common import (
 )
 
 GENERATOR_VERSION = 1
-FULL = {"sqlite": 1_000_000, "cosmos": 100_000, "repeats": 3, "cosmos_repeats": 1}
-QUICK = {"sqlite": 100_000, "cosmos": 10_000, "repeats": 2, "cosmos_repeats": 1}
-COSMOS_CAP_S = 240.0
-"""A project query on the Cosmos server is stopped after this long at 100,000 documents
-(scaled by the square root of the size): see the module docstring."""
+FULL = {"sqlite": 1_000_000, "cosmos": 10_000, "repeats": 3, "cosmos_repeats": 2}
+QUICK = {"sqlite": 100_000, "cosmos": 3_000, "repeats": 2, "cosmos_repeats": 1}
+COSMOS_CAP_S = 180.0
+"""A project query on the Cosmos server is stopped after this long: see the module docstring."""
 COSMOS_DATABASE = "sslpipe-bench"
 
 LEVEL1 = (
@@ -193,8 +199,15 @@ def build_sqlite(path: str, count: int) -> dict[str, Any]:
     return {"created": report.created, "seconds": seconds}
 
 
-def _ids_digest(ids: list[str]) -> str:
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+def _digest(ids: Iterable[str]) -> dict[str, Any]:
+    """How many ids and a digest of them in order, without holding them (so that a child's
+    peak memory is the store's, not the list's)."""
+    digest = hashlib.sha256()
+    count = 0
+    for image_id in ids:
+        digest.update(image_id.encode() + b"\n")
+        count += 1
+    return {"count": count, "digest": digest.hexdigest()[:16]}
 
 
 def sqlite_project(path: str, which: str) -> dict[str, Any]:
@@ -205,9 +218,9 @@ def sqlite_project(path: str, which: str) -> dict[str, Any]:
     image_filter = ImageFilter(**FILTERS[which])
     with SQLiteMetadataStore(Path(path)) as store:
         started = time.perf_counter()
-        ids = [doc["id"] for doc in store.select(image_filter)]
+        found = _digest(doc["id"] for doc in store.select(image_filter))
         seconds = time.perf_counter() - started
-    return {"seconds": seconds, "count": len(ids), "digest": _ids_digest(ids)}
+    return {"seconds": seconds, **found}
 
 
 def naive_sql(spec: dict[str, Any]) -> tuple[str, list[Any]]:
@@ -254,10 +267,10 @@ def sqlite_baseline(path: str, which: str) -> dict[str, Any]:
     sql, params = naive_sql(FILTERS[which])
     db = sqlite3.connect(path)
     started = time.perf_counter()
-    ids = [json.loads(text)["id"] for (text,) in db.execute(sql, params)]
+    found = _digest(json.loads(text)["id"] for (text,) in db.execute(sql, params))
     seconds = time.perf_counter() - started
     db.close()
-    return {"seconds": seconds, "count": len(ids), "digest": _ids_digest(ids)}
+    return {"seconds": seconds, **found}
 
 
 def query_plan(path: Path, which: str) -> list[str]:
@@ -270,6 +283,9 @@ def query_plan(path: Path, which: str) -> list[str]:
         return [str(r[-1]) for r in db.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
 
 
+_ORDERED_PASS = "full pass in index order (every document visited, no JSON parsed to filter)"
+
+
 def _access(plan: list[str]) -> str:
     """How the plan reaches the documents table ``d``: "index search" (SEARCH d ...), "full
     pass in index order" (SCAN d USING INDEX: every row visited, no sort) or "bare scan"."""
@@ -277,7 +293,7 @@ def _access(plan: list[str]) -> str:
         if line.startswith("SEARCH d "):
             return "index search"
         if line.startswith("SCAN d "):
-            return "full pass in index order" if "INDEX" in line else "bare scan"
+            return _ORDERED_PASS if "INDEX" in line else "bare scan"
     return "unknown"
 
 
@@ -316,9 +332,9 @@ def cosmos_project(uri: str, which: str) -> dict[str, Any]:
 
     with CosmosMetadataStore.from_uri(uri, create=False) as store:
         started = time.perf_counter()
-        ids = [doc["id"] for doc in store.select(ImageFilter(**FILTERS[which]))]
+        found = _digest(doc["id"] for doc in store.select(ImageFilter(**FILTERS[which])))
         seconds = time.perf_counter() - started
-    return {"seconds": seconds, "count": len(ids), "digest": _ids_digest(ids)}
+    return {"seconds": seconds, **found}
 
 
 def cosmos_baseline(uri: str, which: str) -> dict[str, Any]:
@@ -330,11 +346,11 @@ def cosmos_baseline(uri: str, which: str) -> dict[str, Any]:
     try:
         started = time.perf_counter()
         found = store._query("scan", "SELECT * FROM c", [], 1000)  # the store's paged reads
-        ids = sorted(doc["id"] for doc in found if python_match(doc, spec))
+        selected = _digest(sorted(doc["id"] for doc in found if python_match(doc, spec)))
         seconds = time.perf_counter() - started
     finally:
         store.close()
-    return {"seconds": seconds, "count": len(ids), "digest": _ids_digest(ids)}
+    return {"seconds": seconds, **selected}
 
 
 # --- the row
@@ -400,12 +416,15 @@ def sqlite_rows(count: int, *, repeats: int) -> list[dict[str, Any]]:
     for which in FILTERS:
         access = _access(plans[which])
         plan = " / ".join(plans[which])
+        # The labelled selection is a few % of the documents: it should be found through an
+        # index; the unlabelled one is most of them, where one ordered pass is the right plan.
+        wanted = ("index search",) if which == "labelled" else ("index search", _ORDERED_PASS)
         rows.append(
             _time_row(
                 f"4. connect_db SQLite {count:,} docs, {which} selection (time: baseline/project)",
                 runs[which],
-                target="> 1x, no JSON scan",
-                extra_ok=access != "bare scan",
+                target="> 1x, " + ("index search" if which == "labelled" else "no JSON scan"),
+                extra_ok=access in wanted,
                 notes=f"baseline: naive json_extract scan of the same file (NOT INDEXED); "
                 f"store {how}; documents reached by: {access}; EXPLAIN QUERY PLAN: {plan}",
             )
@@ -448,7 +467,7 @@ def _cosmos_rows(count: int, *, repeats: int) -> list[dict[str, Any]]:
     log(f"Cosmos container of {count:,} documents: {how}")
     rows = []
     for which in FILTERS:
-        cap = COSMOS_CAP_S * (count / 100_000) ** 0.5
+        cap = COSMOS_CAP_S
         cosmos_runs = interleaved(
             repeats,
             {
@@ -476,7 +495,8 @@ def _cosmos_rows(count: int, *, repeats: int) -> list[dict[str, Any]]:
         notes = (
             "baseline: every document read (SELECT * FROM c, pages of 1,000) and filtered in "
             "Python; a private @vercel/cosmosdb-server (single-threaded Node.js, no indexes) on "
-            f"loopback, container {how}"
+            f"loopback, container {how}; at 100,000 documents this server times out on every "
+            "query (module docstring)"
         )
         stopped = [r for r in cosmos_runs["project"] if r.get("stopped")]
         if stopped:

@@ -19,21 +19,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from benchmarks import common
 from benchmarks.common import (
+    cpu_seconds,
     in_child,
     interleaved,
     log,
     median,
     row,
     server,
+    servers,
     spread,
 )
 
@@ -44,7 +49,7 @@ IMAGE_SIZE = 112
 CONCURRENCY = 16  # data_prep.concurrency's default
 CONTAINER = "bench-photos"
 FULL = {"images": 2000, "small": 500, "repeats": 3}
-QUICK = {"images": 300, "small": 100, "repeats": 2}
+QUICK = {"images": 200, "small": 60, "repeats": 2}
 
 
 def _dir() -> Path:
@@ -155,7 +160,7 @@ def project(ids_dir: str, blob_uri: str, output_dir: str, concurrency: int) -> d
     from sslpipe.steps.data_prep import run_data_prep
 
     out = _fresh(output_dir)
-    started = time.perf_counter()
+    cpu, started = cpu_seconds(), time.perf_counter()
     stats = run_data_prep(
         ids_dir=Path(ids_dir),
         blob_uri=blob_uri,
@@ -164,7 +169,7 @@ def project(ids_dir: str, blob_uri: str, output_dir: str, concurrency: int) -> d
         concurrency=concurrency,
     )
     seconds = time.perf_counter() - started
-    return {"images": stats["prepared"], "seconds": seconds}
+    return {"images": stats["prepared"], "seconds": seconds, "cpu_s": cpu_seconds() - cpu}
 
 
 def baseline(connection_string: str, names: list[str], output_dir: str) -> dict[str, Any]:
@@ -175,7 +180,7 @@ def baseline(connection_string: str, names: list[str], output_dir: str) -> dict[
     out = _fresh(output_dir)
     service = BlobServiceClient.from_connection_string(connection_string)
     container = service.get_container_client(CONTAINER)
-    started = time.perf_counter()
+    cpu, started = cpu_seconds(), time.perf_counter()
     for name in names:
         data = container.download_blob(name).readall()
         image = Image.open(io.BytesIO(data)).convert("RGB")
@@ -184,7 +189,7 @@ def baseline(connection_string: str, names: list[str], output_dir: str) -> dict[
         image.resize(size, Image.Resampling.BILINEAR).save(out / name, format="JPEG", quality=95)
     seconds = time.perf_counter() - started
     service.close()
-    return {"images": len(names), "seconds": seconds}
+    return {"images": len(names), "seconds": seconds, "cpu_s": cpu_seconds() - cpu}
 
 
 def ceiling(connection_string: str, names: list[str], concurrency: int) -> dict[str, Any]:
@@ -206,10 +211,74 @@ def ceiling(connection_string: str, names: list[str], concurrency: int) -> dict[
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         return total
 
-    started = time.perf_counter()
+    cpu, started = cpu_seconds(), time.perf_counter()
     size = asyncio.run(download_all())
     seconds = time.perf_counter() - started
-    return {"images": len(names), "seconds": seconds, "bytes": size}
+    return {"images": len(names), "seconds": seconds, "bytes": size, "cpu_s": cpu_seconds() - cpu}
+
+
+def plain_get(
+    blob_endpoint: str, account_name: str, account_key: str, names: list[str], concurrency: int
+) -> dict[str, Any]:
+    """Download only, without the SDK's per-request pipeline: aiohttp GETs with a read-only
+    container SAS made once (a reference for where the client's CPU goes, not a target)."""
+    import datetime as dt
+
+    import aiohttp
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    sas = generate_container_sas(
+        account_name,
+        CONTAINER,
+        account_key=account_key,
+        permission=ContainerSasPermissions(read=True),
+        expiry=dt.datetime.now(dt.UTC) + dt.timedelta(hours=2),
+    )
+    base = f"{blob_endpoint}/{CONTAINER}"
+
+    async def download_all() -> int:
+        total = 0
+        todo = iter(names)
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def worker() -> None:
+                nonlocal total
+                for name in todo:
+                    async with session.get(f"{base}/{name}?{sas}") as response:
+                        response.raise_for_status()
+                        total += len(await response.read())
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return total
+
+    cpu, started = cpu_seconds(), time.perf_counter()
+    size = asyncio.run(download_all())
+    seconds = time.perf_counter() - started
+    return {"images": len(names), "seconds": seconds, "bytes": size, "cpu_s": cpu_seconds() - cpu}
+
+
+def _azurite_cpu_s() -> float:
+    """CPU seconds Azurite has used so far (user + system), or NaN when its pid is unknown."""
+    try:
+        pid = int((servers().state_dir() / "azurite.pid").read_text())
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
+def _with_server_cpu(result: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``result()`` plus ``server_cpu_s``, the CPU Azurite spent meanwhile."""
+    before = _azurite_cpu_s()
+    measured = result()
+    return measured | {"server_cpu_s": _azurite_cpu_s() - before}
+
+
+def _cpu_per_image(runs: list[dict[str, Any]]) -> str:
+    client = median(r["cpu_s"] / r["images"] * 1000 for r in runs)
+    server_ms = median(r["server_cpu_s"] / r["images"] * 1000 for r in runs)
+    return f"{client:.2f}+{server_ms:.2f}"
 
 
 # --- the row
@@ -231,39 +300,38 @@ def run(quick: bool) -> list[dict[str, Any]]:
     blob_uri = f"{azurite['blob_endpoint']}/{CONTAINER}"
     env = {"AZURE_STORAGE_CONNECTION_STRING": azurite["connection_string"]}
     names = [blob_name(i) for i in range(count)]
-    ids_dir = selection_folder(count)
     out = _dir() / "out"
+    connection = azurite["connection_string"]
 
-    def run_project(ids: Path = ids_dir) -> dict[str, Any]:
-        return in_child(
-            "benchmarks.bench_data_prep:project",
-            env=env,
-            ids_dir=str(ids),
-            blob_uri=blob_uri,
-            output_dir=str(out / "project"),
-            concurrency=CONCURRENCY,
-        )
+    def contestant(function: str, **kwargs: Any) -> Callable[[], dict[str, Any]]:
+        target = f"benchmarks.bench_data_prep:{function}"
+        return lambda: _with_server_cpu(partial(in_child, target, **kwargs))
 
-    def run_baseline() -> dict[str, Any]:
-        return in_child(
-            "benchmarks.bench_data_prep:baseline",
-            connection_string=azurite["connection_string"],
-            names=names,
-            output_dir=str(out / "baseline"),
-        )
-
-    def run_ceiling() -> dict[str, Any]:
-        return in_child(
-            "benchmarks.bench_data_prep:ceiling",
-            connection_string=azurite["connection_string"],
-            names=names,
-            concurrency=CONCURRENCY,
-        )
+    def project_on(images: int) -> Callable[[], dict[str, Any]]:
+        return contestant(
+            "project", env=env, ids_dir=str(selection_folder(images)), blob_uri=blob_uri,
+            output_dir=str(out / "project"), concurrency=CONCURRENCY,
+        )  # fmt: skip
 
     log(f"data_prep: {count} images, {repeats} interleaved repeats")
     results = interleaved(
-        repeats, {"project": run_project, "baseline": run_baseline, "ceiling": run_ceiling}
-    )
+        repeats,
+        {
+            "project": project_on(count),
+            "baseline": contestant(
+                "baseline", connection_string=connection, names=names,
+                output_dir=str(out / "baseline"),
+            ),
+            "ceiling": contestant(
+                "ceiling", connection_string=connection, names=names, concurrency=CONCURRENCY
+            ),
+            "plain": contestant(
+                "plain_get", blob_endpoint=azurite["blob_endpoint"],
+                account_name=azurite["account_name"], account_key=azurite["account_key"],
+                names=names, concurrency=CONCURRENCY,
+            ),
+        },
+    )  # fmt: skip
     for result in results["project"]:
         if result["images"] != count:
             raise RuntimeError(f"data_prep prepared {result['images']} of {count} images")
@@ -273,24 +341,15 @@ def run(quick: bool) -> list[dict[str, Any]]:
     )
     extra = ""
     if not quick:
-        wide = [
-            _rate(
-                in_child(
-                    "benchmarks.bench_data_prep:ceiling",
-                    connection_string=azurite["connection_string"],
-                    names=names,
-                    concurrency=64,
-                )
-            )
-            for _ in range(repeats)
-        ]
-        extra = f"; download-only at concurrency 64: {spread(wide)} img/s"
+        wide = contestant("ceiling", connection_string=connection, names=names, concurrency=64)
+        extra = f"; at concurrency 64: {spread([_rate(wide()) for _ in range(repeats)])} img/s"
     # Peak memory must not grow with the number of images: the same step on fewer of them.
-    small_runs = [run_project(selection_folder(small)) for _ in range(repeats)]
+    small_runs = [project_on(small)() for _ in range(repeats)]
     peak_large = median(r["peak_rss_mib"] for r in results["project"])
     peak_small = median(r["peak_rss_mib"] for r in small_runs)
     import_rss = median(r["rss_after_import_mib"] for r in results["project"])
     baseline_peak = median(r["peak_rss_mib"] for r in results["baseline"])
+    cpu = {name: _cpu_per_image(runs) for name, runs in results.items()}
     inputs = f"{count} JPEGs 640x480, mean {mean_kb:.0f} KB, to 112 px; {repeats} repeats"
     speedup = project_rate / baseline_rate
     share = project_rate / ceiling_rate
@@ -298,35 +357,26 @@ def run(quick: bool) -> list[dict[str, Any]]:
     return [
         row(
             "1. data_prep throughput vs sequential download+decode (rate: project/baseline)",
-            project=project_rate,
-            baseline=baseline_rate,
-            unit="img/s",
-            higher_is_better=True,
-            target=">= 4x",
-            met=speedup >= 4.0,
+            project=project_rate, baseline=baseline_rate, unit="img/s", higher_is_better=True,
+            target=">= 4x", met=speedup >= 4.0,
             notes=f"{inputs}; project {spread(rates['project'])}, baseline "
-            f"{spread(rates['baseline'])} img/s; concurrency {CONCURRENCY}",
+            f"{spread(rates['baseline'])} img/s; concurrency {CONCURRENCY}; CPU ms per image "
+            f"(client+Azurite): project {cpu['project']}, baseline {cpu['baseline']}",
         ),
         row(
             "1. data_prep vs download-only ceiling (rate: project/ceiling)",
-            project=project_rate,
-            baseline=ceiling_rate,
-            unit="img/s",
-            higher_is_better=True,
-            target=">= 0.7x",
-            met=share >= 0.7,
+            project=project_rate, baseline=ceiling_rate, unit="img/s", higher_is_better=True,
+            target=">= 0.7x", met=share >= 0.7,
             notes=f"ceiling: azure-storage-blob async client, concurrency {CONCURRENCY}, no "
-            f"decode: {spread(rates['ceiling'])} img/s{extra}",
+            f"decode: {spread(rates['ceiling'])} img/s{extra}; CPU ms per image "
+            f"(client+Azurite) {cpu['ceiling']}; reference, plain aiohttp GETs with a SAS "
+            f"(no SDK pipeline): {spread(rates['plain'])} img/s, CPU {cpu['plain']}",
         ),
         row(
             f"1. data_prep peak RSS, {count} vs {small} images (ratio: small/large)",
-            project=peak_large,
-            baseline=peak_small,
-            unit="MiB",
-            higher_is_better=False,
-            target="flat (>= 0.9x)",
-            met=growth <= 1.0 / 0.9,
+            project=peak_large, baseline=peak_small, unit="MiB", higher_is_better=False,
+            target="flat (>= 0.9x)", met=growth <= 1.0 / 0.9,
             notes=f"child's ru_maxrss, medians; {import_rss:.0f} MiB after imports; the "
             f"sequential baseline peaks at {baseline_peak:.0f} MiB",
         ),
-    ]
+    ]  # fmt: skip
