@@ -242,6 +242,8 @@ def lightly_moco_train(
         model.parameters(), lr=LR, momentum=SGD_MOMENTUM, weight_decay=WEIGHT_DECAY
     )
     rates: list[float] = []
+    if on_epoch is not None:
+        on_epoch(0, model.backbone)  # random init, like the project's epoch-0 kNN monitor
     for epoch in range(epochs):
         for group in optimizer.param_groups:
             group["lr"] = LR * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
@@ -276,12 +278,25 @@ def _child(args: argparse.Namespace) -> None:
         "queue": settings["queue"],
         "epochs": settings["epochs"],
         "workers": settings["workers"],
+        "small_stem": settings.get("small_stem", False),
     }
+    curve: list[float] = []
     cpu0 = _cpu_seconds()
     if args.child == "project":
         result = project_moco_train(data_dir, work, **common)
     else:
-        result = lightly_moco_train(data_dir / "images", **common)
+        on_epoch = None
+        if settings.get("curve"):  # row 3: the kNN monitor the project runs, for lightly
+            from benchmarks.bench_quality import loo_knn_of
+
+            def on_epoch(epoch: int, backbone: Any) -> None:
+                curve.append(loo_knn_of(backbone, data_dir, settings["image_size"]))
+
+        result = lightly_moco_train(data_dir / "images", **common, on_epoch=on_epoch)
+        if settings.get("save_backbone"):
+            import torch
+
+            torch.save(result["backbone"].state_dict(), work / "lightly_backbone.pt")
     cpu = _cpu_seconds() - cpu0
     images = settings["epochs"] * (settings["images"] // settings["batch"]) * settings["batch"]
     out = {
@@ -290,6 +305,8 @@ def _child(args: argparse.Namespace) -> None:
         "images": images,
         "cpu_s": cpu,
         "threads": __import__("torch").get_num_threads(),
+        "curve": curve,
+        "model_dir": result.get("model_dir"),
     }
     Path(args.out).write_text(json.dumps(out))
 

@@ -11,9 +11,12 @@ once on the training device (:class:`BatchMoCoV2Augment`): a handful of vectoris
 ops that use every intra-op thread on a CPU and run on the GPU when training there.
 
 The distribution of the views is that of ``moco_v2_transform`` with the same arguments: the
-same probabilities and parameter ranges, the colour jitter's four operations in a random order
-per image, and the same order of steps. Pixel values differ slightly, because the ops work in
-float on [0, 1] instead of rounding to ``uint8`` after every PIL step.
+same probabilities and parameter ranges, drawn per image, and the same order of steps. One
+difference: the colour jitter's four operations run in a random order drawn per batch rather
+than per image (every image still sees each order with equal probability, and the query and
+key views of an image are augmented in separate calls, so independently). Pixel values differ
+slightly, because the ops work in float on [0, 1] instead of rounding to ``uint8`` after every
+PIL step.
 """
 
 from __future__ import annotations
@@ -77,29 +80,26 @@ def _saturation(x: Tensor, factor: Tensor) -> Tensor:
 
 
 def _hue(x: Tensor, shift: Tensor) -> Tensor:
-    """Rotate the hue of RGB images in [0, 1] by ``shift`` turns (in [-0.5, 0.5]) per image."""
-    r, g, b = x.unbind(dim=1)
-    value, _ = x.max(dim=1)
-    chroma = value - x.min(dim=1).values
-    gray = chroma == 0
-    ones = torch.ones_like(value)
-    saturation = chroma / torch.where(gray, ones, value)
-    c = torch.where(gray, ones, chroma)
-    # Hue in sixths of a turn, from whichever channel holds the maximum (R, then G, then B).
-    hue = torch.where(
-        value == r,
-        (g - b) / c,
-        torch.where(value == g, 2.0 + (b - r) / c, 4.0 + (r - g) / c),
-    )
-    hue = torch.where(gray, torch.zeros_like(hue), hue)
-    hue = torch.remainder(hue + 6.0 * shift.view(-1, 1, 1), 6.0)
-    # HSV -> RGB: channel n is V - V*S*clamp(min(k, 4 - k), 0, 1) with k = (n + hue) mod 6.
-    vs = value * saturation
+    """Rotate the hue of RGB images in [0, 1] by ``shift`` turns (in [-0.5, 0.5]) per image.
+
+    HSV hue in sixths of a turn is ``2 * m + (next - after_next) / chroma`` where ``m`` is the
+    channel holding the maximum (R, G, B = 0, 1, 2) and ``next``, ``after_next`` the channels
+    after it cyclically; ties give the same hue whichever maximum is taken. Value and chroma
+    are unchanged by the rotation, and HSV -> RGB is, for channel ``n`` in (5, 3, 1),
+    ``value - chroma * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + hue) mod 6``.
+    """
+    value, top = x.max(dim=1, keepdim=True)
+    chroma = value - x.min(dim=1, keepdim=True).values
+    following = x.gather(1, torch.remainder(top + 1, 3))
+    after = x.gather(1, torch.remainder(top + 2, 3))
+    # chroma 0 (a grey pixel): any hue gives the same colour, and following == after there.
+    hue = (following - after).div_(chroma.clamp_min(1e-12)).add_(2.0 * top)
+    hue.add_(_column(6.0 * shift))
     channels = []
     for n in (5.0, 3.0, 1.0):
         k = torch.remainder(hue + n, 6.0)
-        channels.append(value - vs * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
-    return torch.stack(channels, dim=1)
+        channels.append(torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0).mul_(chroma).neg_().add_(value))
+    return torch.cat(channels, dim=1)
 
 
 def _gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
@@ -195,7 +195,7 @@ class BatchMoCoV2Augment:
         low, high = self.factor_range
         factors = torch.empty(n, 3).uniform_(low, high)
         hue = torch.empty(n).uniform_(-self.hue_range, self.hue_range)
-        order = torch.rand(n, 4).argsort(dim=1)  # a random order of the four ops per image
+        order = torch.randperm(4)  # the jitter's random order of its four ops, per batch
         gray = torch.rand(n) < self.grayscale_p
         blur = torch.rand(n) < self.blur_p
         sigma = torch.empty(n).uniform_(*self.blur_sigma)
@@ -204,14 +204,13 @@ class BatchMoCoV2Augment:
         angle = torch.empty(n).uniform_(-self.rotation_degrees, self.rotation_degrees)
 
         if bool(jitter.any()):
-            params = (factors[:, 0], factors[:, 1], factors[:, 2], hue)
+            idx = jitter.nonzero().squeeze(1).to(device)
+            params = (factors[jitter, 0], factors[jitter, 1], factors[jitter, 2], hue[jitter])
             ops = (_brightness, _contrast, _saturation, _hue)
-            for position in range(4):
-                for op_index, op in enumerate(ops):
-                    chosen = jitter & (order[:, position] == op_index)
-                    if bool(chosen.any()):
-                        idx = chosen.nonzero().squeeze(1).to(device)
-                        x[idx] = op(x[idx], params[op_index][chosen].to(device))
+            y = x[idx]
+            for op_index in order.tolist():
+                y = ops[op_index](y, params[op_index].to(device))
+            x[idx] = y
         if bool(gray.any()):
             idx = gray.nonzero().squeeze(1).to(device)
             x[idx] = _gray(x[idx]).expand(-1, 3, -1, -1)

@@ -462,6 +462,8 @@ def _run(
         lr=config.lr,
         momentum=config.sgd_momentum,
         weight_decay=config.weight_decay,
+        # One fused kernel for the whole update instead of a loop over parameter tensors.
+        fused=device.type in ("cpu", "cuda"),
     )
     # Every process loads rank 0's checkpoint (map_location cpu, then onto its device).
     state = (
