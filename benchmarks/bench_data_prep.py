@@ -11,7 +11,7 @@ quality 85, 4:2:0), generated once into the cache and uploaded once to the Azuri
 - ceiling:  download only (azure-storage-blob's async client, same concurrency, no decode).
 
 Throughput is images / seconds of the work itself, measured inside the child (imports and
-process start excluded). Peak RSS is the child's own peak (``ru_maxrss``), at two sizes.
+process start excluded). Peak RSS is the child's own peak (``VmHWM``), at two sizes.
 """
 
 from __future__ import annotations
@@ -342,7 +342,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     extra = ""
     if not quick:
         wide = contestant("ceiling", connection_string=connection, names=names, concurrency=64)
-        extra = f"; at concurrency 64: {spread([_rate(wide()) for _ in range(repeats)])} img/s"
+        extra = f"; at concurrency 64 (one run): {_rate(wide()):.0f} img/s"
     # Peak memory must not grow with the number of images: the same step on fewer of them.
     small_runs = [project_on(small)() for _ in range(repeats)]
     peak_large = median(r["peak_rss_mib"] for r in results["project"])
@@ -376,7 +376,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
             f"1. data_prep peak RSS, {count} vs {small} images (ratio: small/large)",
             project=peak_large, baseline=peak_small, unit="MiB", higher_is_better=False,
             target="flat (>= 0.9x)", met=growth <= 1.0 / 0.9,
-            notes=f"child's ru_maxrss, medians; {import_rss:.0f} MiB after imports; the "
+            notes=f"child's peak RSS (VmHWM), medians; {import_rss:.0f} MiB after imports; the "
             f"sequential baseline peaks at {baseline_peak:.0f} MiB",
         ),
     ]  # fmt: skip

@@ -140,7 +140,16 @@ def interleaved(
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size so far (Linux reports KiB)."""
+    """This process's peak resident set size so far: ``VmHWM`` of /proc/self/status.
+
+    Not ``ru_maxrss``: Linux carries it across fork and exec, so a child's ``ru_maxrss`` starts
+    at its parent's resident size when it forked (a 1 GiB runner makes every child read
+    1 GiB), while ``VmHWM`` belongs to the memory map that exec created.
+    """
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

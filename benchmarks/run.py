@@ -11,6 +11,7 @@ its error, and the others still run.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -68,6 +69,11 @@ def run_rows(names: Sequence[str], *, quick: bool, explicit: bool) -> list[dict[
     return rows
 
 
+def _load() -> str:
+    """The system's load averages: how busy the shared machine was."""
+    return " / ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0]
@@ -92,14 +98,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     names = [name for name in ROWS if args.only is None or name in args.only]
-    started = time.perf_counter()
+    started, load = time.perf_counter(), _load()
     rows = run_rows(names, quick=args.quick, explicit=args.only is not None)
     seconds = time.perf_counter() - started
+    info = machine() | {"load average (1, 5, 15 min)": f"{load} at the start, {_load()} at the end"}
     command = " ".join(
         ["python -m benchmarks.run", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]
     )
     print(markdown_table(rows))
-    args.output.write_text(markdown_report(rows, machine(), command=command, seconds=seconds))
+    args.output.write_text(markdown_report(rows, info, command=command, seconds=seconds))
     log(f"wrote {args.output} ({seconds:.0f} s)")
     return 0
 
