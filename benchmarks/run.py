@@ -16,7 +16,7 @@ import shlex
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,19 @@ QUICK_SKIPS = {"e2e": "skipped in --quick (run it with --only e2e)"}
 """Rows --quick leaves out unless named with --only."""
 
 
-def run_rows(names: Sequence[str], *, quick: bool, explicit: bool) -> list[dict[str, Any]]:
-    """Every named row's results; missing modules and failures become rows that say so."""
+def run_rows(
+    names: Sequence[str],
+    *,
+    quick: bool,
+    explicit: bool,
+    progress: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Every named row's results; missing modules and failures become rows that say so.
+    ``progress`` is called with the rows so far after each module."""
     rows: list[dict[str, Any]] = []
     for name in names:
+        if progress is not None and rows:
+            progress(rows)
         module_name, title = ROWS[name]
         if quick and not explicit and name in QUICK_SKIPS:
             rows.append(not_run(title, QUICK_SKIPS[name]))
@@ -99,15 +108,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     names = [name for name in ROWS if args.only is None or name in args.only]
     started, load = time.perf_counter(), _load()
-    rows = run_rows(names, quick=args.quick, explicit=args.only is not None)
-    seconds = time.perf_counter() - started
-    info = machine() | {"load average (1, 5, 15 min)": f"{load} at the start, {_load()} at the end"}
     command = " ".join(
         ["python -m benchmarks.run", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]
     )
+
+    def report(rows: list[dict[str, Any]], *, done: bool) -> None:
+        seconds = time.perf_counter() - started
+        info = machine() | {
+            "load average (1, 5, 15 min)": f"{load} at the start, {_load()} at the end"
+        }
+        text = markdown_report(rows, info, command=command, seconds=seconds)
+        if not done:  # a run stopped midway still leaves what it measured
+            text += f"\n**Run in progress**: {len(rows)} row(s) so far.\n"
+        args.output.write_text(text)
+
+    rows = run_rows(
+        names,
+        quick=args.quick,
+        explicit=args.only is not None,
+        progress=lambda so_far: report(so_far, done=False),
+    )
     print(markdown_table(rows))
-    args.output.write_text(markdown_report(rows, info, command=command, seconds=seconds))
-    log(f"wrote {args.output} ({seconds:.0f} s)")
+    report(rows, done=True)
+    log(f"wrote {args.output} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 

@@ -103,7 +103,14 @@ def test_runner_reports_missing_and_failing_rows_and_goes_on(
         },
     )
     monkeypatch.setattr(run, "import_optional", lambda name: modules.get(name))
-    rows = run.run_rows(["fine", "failing", "absent"], quick=True, explicit=False)
+    seen: list[int] = []
+    rows = run.run_rows(
+        ["fine", "failing", "absent"],
+        quick=True,
+        explicit=False,
+        progress=lambda so_far: seen.append(len(so_far)),
+    )
+    assert seen == [1, 2]  # the report is rewritten after each row, for a run stopped midway
     assert [r["row"] for r in rows] == ["rate | with a pipe", "failing", "absent"]
     assert "failed: RuntimeError: server gone" in rows[1]["notes"]
     assert "does not exist" in rows[2]["notes"]
