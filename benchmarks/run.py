@@ -40,6 +40,9 @@ ROWS: dict[str, tuple[str, str]] = {
 }
 """Row name -> (module, title), in table order."""
 
+RUN_ORDER = ["data_prep", "connect_db", "e2e", "moco", "quality"]
+"""The order the rows run in (the table keeps the order of :data:`ROWS`)."""
+
 QUICK_SKIPS = {"e2e": "skipped in --quick (run it with --only e2e)"}
 """Rows --quick leaves out unless named with --only."""
 
@@ -51,31 +54,37 @@ def run_rows(
     explicit: bool,
     progress: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every named row's results; missing modules and failures become rows that say so.
-    ``progress`` is called with the rows so far after each module."""
-    rows: list[dict[str, Any]] = []
-    for name in names:
-        if progress is not None and rows:
-            progress(rows)
-        module_name, title = ROWS[name]
-        if quick and not explicit and name in QUICK_SKIPS:
-            rows.append(not_run(title, QUICK_SKIPS[name]))
-            continue
-        module = import_optional(module_name)
-        if module is None:
-            rows.append(not_run(title, f"not run: {module_name} does not exist yet"))
-            continue
-        log(f"{title} ({'quick' if quick else 'full'})")
-        started = time.perf_counter()
-        try:
-            produced = [check_row(item) for item in module.run(quick)]
-        except Exception as err:  # a failing row must not hide the others
-            traceback.print_exc(file=sys.stderr)
-            rows.append(not_run(title, f"failed: {type(err).__name__}: {err}"[:500]))
-            continue
-        log(f"{title}: {len(produced)} row(s) in {time.perf_counter() - started:.0f} s")
-        rows.extend(produced)
-    return rows
+    """Every named row's results in table order; missing modules and failures become rows
+    that say so. The rows run in :data:`RUN_ORDER` (the long training rows last, so that a
+    run stopped midway still has the others); ``progress`` gets the rows so far after each."""
+    done: dict[str, list[dict[str, Any]]] = {}
+
+    def so_far() -> list[dict[str, Any]]:
+        return [item for name in names if name in done for item in done[name]]
+
+    for name in sorted(names, key=RUN_ORDER.index):
+        if progress is not None and done:
+            progress(so_far())
+        done[name] = _run_one(name, quick=quick, explicit=explicit)
+    return so_far()
+
+
+def _run_one(name: str, *, quick: bool, explicit: bool) -> list[dict[str, Any]]:
+    module_name, title = ROWS[name]
+    if quick and not explicit and name in QUICK_SKIPS:
+        return [not_run(title, QUICK_SKIPS[name])]
+    module = import_optional(module_name)
+    if module is None:
+        return [not_run(title, f"not run: {module_name} does not exist yet")]
+    log(f"{title} ({'quick' if quick else 'full'})")
+    started = time.perf_counter()
+    try:
+        produced = [check_row(item) for item in module.run(quick)]
+    except Exception as err:  # a failing row must not hide the others
+        traceback.print_exc(file=sys.stderr)
+        return [not_run(title, f"failed: {type(err).__name__}: {err}"[:500])]
+    log(f"{title}: {len(produced)} row(s) in {time.perf_counter() - started:.0f} s")
+    return produced
 
 
 def _load() -> str:

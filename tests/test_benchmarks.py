@@ -102,6 +102,7 @@ def test_runner_reports_missing_and_failing_rows_and_goes_on(
             "absent": ("benchmarks.fake_absent", "absent"),
         },
     )
+    monkeypatch.setattr(run, "RUN_ORDER", ["fine", "failing", "absent"])
     monkeypatch.setattr(run, "import_optional", lambda name: modules.get(name))
     seen: list[int] = []
     rows = run.run_rows(
