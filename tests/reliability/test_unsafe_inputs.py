@@ -65,11 +65,16 @@ def _unsafe_names(tmp_path: Path) -> list[str]:
 
 @pytest.fixture
 def outside(tmp_path: Path, make_image: ImageMaker) -> Path:
-    """Images at the places that the unsafe names reach from ``tmp_path/<folder>``."""
-    for place in (tmp_path, tmp_path.parent, tmp_path / "outside"):
+    """Images at the places that the unsafe names reach from ``<root>/<folder>``.
+
+    ``root`` is a folder inside this test's ``tmp_path``, so that the images planted one and two
+    levels up stay in the test's own folder, not in the parent that other tests share.
+    """
+    root = tmp_path / "root"
+    for place in (root, tmp_path, root / "outside"):
         place.mkdir(exist_ok=True)
         (place / "evil.jpeg").write_bytes(make_image())
-    return tmp_path
+    return root
 
 
 def test_the_local_blob_store_refuses_every_unsafe_name(
