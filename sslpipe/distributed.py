@@ -10,11 +10,13 @@ is running, so the calling code needs no ``if distributed`` branches for them.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -322,3 +324,48 @@ __all__ = [
     "session",
     "world_size",
 ]
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of one process's random augmentations (and dropout) in one epoch: distinct per
+    process (fewer than a million epochs), and ``seed + epoch`` in a single process."""
+    return seed + epoch + 1_000_003 * rank
+
+
+@contextmanager
+def quiet_unless_main(logger: logging.Logger, env: DistEnv) -> Iterator[None]:
+    """Only rank 0 logs progress through ``logger``; the others log warnings and errors."""
+    previous = logger.level
+    if not env.is_main:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def check_same_start(epoch: int, checkpoint_dir: Path, device: torch.device) -> None:
+    """Raise unless every process resumes after the same epoch (sees the same checkpoint)."""
+    if world_size() == 1:
+        return
+    epochs = all_gather(torch.tensor([epoch], device=device)).cpu().tolist()
+    if len(set(epochs)) > 1:
+        raise RuntimeError(
+            f"the processes would start after different epochs {epochs} (by rank): every "
+            f"process must see rank 0's checkpoint in {checkpoint_dir}, a folder shared by "
+            "all nodes"
+        )
+
+
+def check_replicas_agree(tensors: Sequence[Tensor], device: torch.device) -> None:
+    """Raise unless every process holds the same ``tensors`` (a cheap checksum of them)."""
+    if world_size() == 1:
+        return
+    with torch.no_grad():
+        checksum = torch.stack([t.detach().double().sum() for t in tensors]).sum().reshape(1)
+        sums = all_gather(checksum.to(device)).cpu()
+    if not bool(torch.all(sums == sums[0])):
+        raise RuntimeError(
+            f"the training processes diverged: weight checksums {sums.tolist()} differ; "
+            "every process must run the same number of steps on the same model"
+        )

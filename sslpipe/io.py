@@ -7,6 +7,7 @@ so a run killed at any moment leaves either the old file or the new one, never h
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -39,6 +40,15 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
         yield f
         f.flush()
         os.fsync(f.fileno())
+
+
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file's contents, read in 1 MiB chunks (never whole in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -22,21 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sslpipe.io import read_csv, read_optional_json, write_json
+from sslpipe.io import file_sha256, read_csv, read_optional_json, write_json
 
 SKIPPED_FILE = "skipped.json"
 DATA_TAG = "lineage.data_fingerprint"
 SETUP_TAG = "lineage.setup_fingerprint"
 _ROW_FIELDS = ("id", "label", "split", "repeats")
-_CHUNK = 1 << 20
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def data_fingerprint(data_dir: Path) -> str:
@@ -54,7 +45,7 @@ def data_fingerprint(data_dir: Path) -> str:
     rows = []
     for record in manifest.to_dict("records"):
         fields = [str(record.get(name, "")) for name in _ROW_FIELDS]
-        rows.append("\t".join([*fields, _file_sha256(data_dir / str(record["path"]))]))
+        rows.append("\t".join([*fields, file_sha256(data_dir / str(record["path"]))]))
     digest = hashlib.sha256()
     for row in sorted(rows):
         digest.update(row.encode("utf-8") + b"\n")

@@ -14,17 +14,10 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-# 1 MiB chunks: fast, yet a large image never has to fit in memory at once.
-_CHUNK_SIZE = 1 << 20
+from sslpipe.io import file_sha256
 
-
-def hash_file(path: Path) -> str:
-    """Return the hex digest of one file's contents, read in chunks."""
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK_SIZE):
-            hasher.update(chunk)
-    return hasher.hexdigest()
+hash_file = file_sha256
+"""The hex SHA-256 of one file's contents, read in chunks."""
 
 
 def _is_skipped_code_entry(name: str, *, is_dir: bool) -> bool:

@@ -34,7 +34,6 @@ process resumes from rank 0's checkpoint.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import time
@@ -134,12 +133,6 @@ def _loader(
     )
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Seed of one process's augmentations and dropout in one epoch: distinct per process, and
-    ``seed + epoch`` in a single process."""
-    return seed + epoch + 1_000_003 * rank
-
-
 def _sharded_loader(
     dataset: Dataset[Any],
     batch: int,
@@ -227,34 +220,6 @@ def _validate_sharded(
     values = torch.tensor([result[k] for k in SCORES], dtype=torch.float64, device=device)
     distributed.broadcast_([values])
     return dict(zip(SCORES, values.cpu().tolist(), strict=True))
-
-
-def _check_same_start(epoch: int, checkpoint_dir: Path, device: torch.device) -> None:
-    """Raise unless every process resumes after the same epoch (sees the same checkpoint)."""
-    if distributed.world_size() == 1:
-        return
-    epochs = distributed.all_gather(torch.tensor([epoch], device=device)).cpu().tolist()
-    if len(set(epochs)) > 1:
-        raise RuntimeError(
-            f"the processes would start after different epochs {epochs} (by rank): every "
-            f"process must see rank 0's checkpoint in {checkpoint_dir}, a folder shared by "
-            "all nodes"
-        )
-
-
-def _check_replicas_agree(model: nn.Module, device: torch.device) -> None:
-    """Raise unless every process holds the same weights (a cheap checksum)."""
-    if distributed.world_size() == 1:
-        return
-    with torch.no_grad():
-        tensors = [*model.parameters(), *model.buffers()]
-        checksum = torch.stack([t.detach().double().sum() for t in tensors]).sum().reshape(1)
-        sums = distributed.all_gather(checksum.to(device)).cpu()
-    if not bool(torch.all(sums == sums[0])):
-        raise RuntimeError(
-            f"the training processes diverged: weight checksums {sums.tolist()} differ; "
-            "every process must run the same number of steps on the same model"
-        )
 
 
 def _setup_fingerprint(config: ClassifierConfig, backbone: dict[str, Any]) -> str:
@@ -398,7 +363,7 @@ def run_classifier_train(
             f"{config.processes_per_node} (the local executor does) or set classifier.nodes and "
             "classifier.processes_per_node to match"
         )
-    with _quiet_unless_main(env), distributed.session(env) as device:
+    with distributed.quiet_unless_main(log, env), distributed.session(env) as device:
         result = _run(
             data_dir=Path(data_dir),
             model_dir=Path(model_dir),
@@ -412,18 +377,6 @@ def run_classifier_train(
         )
         distributed.barrier()  # nobody leaves before rank 0 has written the model folder
     return result
-
-
-@contextlib.contextmanager
-def _quiet_unless_main(env: distributed.DistEnv) -> Iterator[None]:
-    """Only rank 0 logs progress; the other processes log warnings and errors."""
-    previous = log.level
-    if not env.is_main:
-        log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        log.setLevel(previous)
 
 
 @contextlib.contextmanager
@@ -508,7 +461,7 @@ def _run(
     # Every process loads rank 0's checkpoint.
     loaded = _load_checkpoint(checkpoint_dir, model, stopper, identity) if resume else None
     state, optimizer_state = loaded or (TrainingState(), None)
-    _check_same_start(state.epoch, checkpoint_dir, device)
+    distributed.check_same_start(state.epoch, checkpoint_dir, device)
     if env.is_distributed:  # the same start everywhere, frozen backbone included
         distributed.broadcast_([*model.parameters(), *model.buffers()])
 
@@ -573,7 +526,7 @@ def _run(
             while state.stage_epoch < stage.epochs:
                 # Seeding per epoch makes an epoch a function of (seed, epoch, rank) alone, so a
                 # resumed run continues exactly like an uninterrupted one.
-                torch.manual_seed(_epoch_seed(config.seed, state.epoch, env.rank))
+                torch.manual_seed(distributed.epoch_seed(config.seed, state.epoch, env.rank))
                 loader = (
                     _sharded_loader(
                         train_set,
@@ -604,7 +557,8 @@ def _run(
                 if env.is_distributed:
                     # Fine-tuning moves BN statistics per process: rank 0's are kept.
                     distributed.broadcast_(list(model.buffers()))
-                    _check_replicas_agree(model, device)
+                    replicas = [*model.parameters(), *model.buffers()]
+                    distributed.check_replicas_agree(replicas, device)
                     val = _validate_sharded(
                         model,
                         val_set,

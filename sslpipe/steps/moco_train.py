@@ -18,7 +18,6 @@ monitor and the model, and registers it; every process resumes from rank 0's che
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import shutil
@@ -145,12 +144,6 @@ def build_model(config: MocoConfig, queue_size: int, device: torch.device | None
     return model if device is None else model.to(device)
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Seed of one process's augmentations in one epoch: distinct per process (fewer than a
-    million epochs), and ``seed + epoch`` in a single process."""
-    return seed + epoch + 1_000_003 * rank
-
-
 def _loader(
     dataset: Dataset[Any],
     batch: int,
@@ -162,7 +155,7 @@ def _loader(
     pin_memory: bool = False,
 ) -> DataLoader[Any]:
     """The epoch's loader: a seeded shuffle, or this process's shard of a shared shuffle."""
-    generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch, env.rank))
+    generator = torch.Generator().manual_seed(distributed.epoch_seed(seed, epoch, env.rank))
     sampler: DistributedSampler[Any] | None = None
     if env.is_distributed:
         # The same permutation in every process (seed, epoch), each taking every world_size-th
@@ -236,34 +229,6 @@ def knn_monitor(
     loader = DataLoader(dataset, batch_size=256, shuffle=False, num_workers=0)
     features = torch.cat([model.embed(_on(device, x)).cpu() for x in loader])
     return leave_one_out_knn_top1(features, labels, k=k)
-
-
-def _check_same_start(epoch: int, checkpoint_dir: Path, device: torch.device) -> None:
-    """Raise unless every process resumes after the same epoch (sees the same checkpoint)."""
-    if distributed.world_size() == 1:
-        return
-    epochs = distributed.all_gather(torch.tensor([epoch], device=device)).cpu().tolist()
-    if len(set(epochs)) > 1:
-        raise RuntimeError(
-            f"the processes would start after different epochs {epochs} (by rank): every "
-            f"process must see rank 0's checkpoint in {checkpoint_dir}, a folder shared by "
-            "all nodes"
-        )
-
-
-def _check_replicas_agree(model: MoCo, device: torch.device) -> None:
-    """Raise unless every process holds the same weights and queue (a cheap checksum)."""
-    if distributed.world_size() == 1:
-        return
-    with torch.no_grad():
-        tensors = [*model.parameters(), model.queue.keys]
-        checksum = torch.stack([t.detach().double().sum() for t in tensors]).sum().reshape(1)
-        sums = distributed.all_gather(checksum.to(device)).cpu()
-    if not bool(torch.all(sums == sums[0])):
-        raise RuntimeError(
-            f"the training processes diverged: weight checksums {sums.tolist()} differ; "
-            "every process must run the same number of steps on the same model"
-        )
 
 
 def _save_checkpoint(
@@ -414,7 +379,7 @@ def run_moco_train(
         reason = _guard(Path(data_dir), Path(model_dir), config, env.is_main)
         if reason is not None:
             return {"metrics": None, "registered": None, "skipped": reason}
-    with _quiet_unless_main(env), distributed.session(env) as device:
+    with distributed.quiet_unless_main(log, env), distributed.session(env) as device:
         result = _run(
             data_dir=data_dir,
             model_dir=model_dir,
@@ -427,18 +392,6 @@ def run_moco_train(
         )
         distributed.barrier()  # nobody leaves before rank 0 has written and registered
     return result
-
-
-@contextlib.contextmanager
-def _quiet_unless_main(env: distributed.DistEnv) -> Iterator[None]:
-    """Only rank 0 logs progress; the other processes log warnings and errors."""
-    previous = log.level
-    if not env.is_main:
-        log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        log.setLevel(previous)
 
 
 def _run(
@@ -470,7 +423,7 @@ def _run(
         _load_checkpoint(checkpoint_dir, model, optimizer, config) if resume else None
     ) or TrainingState()
     losses, knn = list(state.losses or []), list(state.knn or [])
-    _check_same_start(state.epoch, checkpoint_dir, device)
+    distributed.check_same_start(state.epoch, checkpoint_dir, device)
     model.distribute(device_ids=[device.index] if device.type == "cuda" else None)
 
     # MoCo v2's augmentations in two parts: the random crop per image in the DataLoader
@@ -527,7 +480,7 @@ def _run(
                 group["lr"] = lr
             # Seeding per epoch makes an epoch's shuffle and augmentations a function of
             # (seed, epoch, rank) alone, so a resumed run continues like an uninterrupted one.
-            torch.manual_seed(_epoch_seed(config.seed, epoch, env.rank))
+            torch.manual_seed(distributed.epoch_seed(config.seed, epoch, env.rank))
             loader = _loader(
                 train_set,
                 batch,
@@ -540,7 +493,7 @@ def _run(
             started = time.perf_counter()
             loss, steps = _train_epoch(model, loader, optimizer, device, augment)
             seconds = time.perf_counter() - started
-            _check_replicas_agree(model, device)
+            distributed.check_replicas_agree([*model.parameters(), model.queue.keys], device)
             losses.append(loss)
             images = steps * batch * env.world_size
             metrics = {"loss": loss, "lr": lr, "images_per_s": images / seconds}
