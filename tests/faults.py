@@ -14,15 +14,27 @@ own event loop in a thread, so code under test may use any loop (or none).
 :meth:`CuttingProxy.slow_down` makes it a slow network instead: every chunk of every response
 waits a while before it is passed on (a blob store far away), which gives a test the time to
 kill or cut something in the middle of a run.
+
+``CosmosProxy`` is an HTTP-level proxy to the Cosmos-compatible server whose subclasses answer
+chosen requests themselves (throttling, outages, dropped connections).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
+import json
+import re
+import socket
+import ssl
 import threading
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
+from typing import Any
+from urllib.parse import urlparse
 
 _CHUNK = 64 * 1024
 
@@ -188,3 +200,90 @@ async def _pipe(
 def _close(writer: asyncio.StreamWriter) -> None:
     with contextlib.suppress(Exception):
         writer.close()
+
+
+class CosmosProxy:
+    """An HTTP(S) proxy in front of the Cosmos-compatible server that may answer requests itself.
+
+    Subclasses decide per request in :meth:`fault`: None forwards it, 0 closes the connection
+    without a response, an HTTP status is answered with an error body and
+    :meth:`fault_headers`. The account document (``GET /``) is rewritten so that the SDK keeps
+    talking to the proxy. With ``cert`` and ``key`` the proxy speaks HTTPS.
+    """
+
+    def __init__(self, upstream: str, *, cert: Path | None = None, key: Path | None = None):
+        self.upstream = urlparse(upstream)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        scheme = "http"
+        if cert is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(cert, key)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.port = self.server.server_address[1]
+        self.endpoint = f"{scheme}://127.0.0.1:{self.port}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def fault(self, method: str, path: str) -> int | None:
+        """The fault to inject for this request (see the class docstring); None forwards it."""
+        return None
+
+    def fault_headers(self, status: int) -> list[tuple[str, str]]:
+        """Headers of an injected error response besides its content type."""
+        return []
+
+    def _forward(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> Any:
+        upstream = http.client.HTTPSConnection(
+            self.upstream.hostname or "127.0.0.1", self.upstream.port,
+            context=ssl._create_unverified_context(), timeout=60,
+        )  # fmt: skip
+        try:
+            upstream.request(method, path, body=body, headers=headers)
+            response = upstream.getresponse()
+            data = response.read()
+        finally:
+            upstream.close()
+        if method == "GET" and path == "/":
+            data = re.sub(rb"https://[^/\"]+/", self.endpoint.encode(), data)
+        return response.status, response.getheaders(), data
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+                self.send_response(status)
+                for name, value in headers:
+                    if name.lower() not in ("content-length", "connection", "transfer-encoding"):
+                        self.send_header(name, value)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def handle_any(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                status = proxy.fault(self.command, self.path)
+                if status == 0:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                elif status is not None:
+                    payload = json.dumps({"code": str(status), "message": "injected"}).encode()
+                    headers = [("content-type", "application/json")]
+                    self._reply(status, [*headers, *proxy.fault_headers(status)], payload)
+                else:
+                    skip = ("host", "content-length", "connection")
+                    forwarded = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                    self._reply(*proxy._forward(self.command, self.path, body, forwarded))
+
+            do_GET = do_POST = do_PUT = do_DELETE = handle_any
+
+        return Handler
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -18,15 +18,12 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
 import io
 import json
 import os
 import random
-import re
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -35,7 +32,6 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -53,7 +49,7 @@ from sslpipe.stores import StoreError
 from sslpipe.stores.azure_blob import CONNECTION_STRING_ENV, AzureBlobStore
 from sslpipe.stores.cosmos import KEY_ENV, CosmosMetadataStore
 from tests.conftest import DocumentMaker, _servers_module
-from tests.faults import CuttingProxy
+from tests.faults import CosmosProxy, CuttingProxy
 
 pytestmark = [
     pytest.mark.servers,
@@ -249,30 +245,22 @@ def test_data_prep_that_gives_up_fails_clearly_and_resumes_after_the_restart(
 # --- Cosmos: throttling and outages at random --------------------------------------------------
 
 
-class RandomFaultProxy:
+class RandomFaultProxy(CosmosProxy):
     """An HTTPS proxy to the Cosmos server that answers requests at random (seeded) with 429
     (``x-ms-retry-after-ms``) or 503 instead of forwarding them; never more than ``streak``
-    faults in a row, so that the SDK's retries always get through. The account document is
-    rewritten so that the SDK keeps talking to the proxy."""
+    faults in a row, so that the SDK's retries always get through."""
 
     def __init__(
         self, upstream: str, cert: Path, key: Path, *, seed: int = 7, rate: float = 0.4
     ) -> None:
-        self.upstream = urlparse(upstream)
         self.random, self.rate, self.streak = random.Random(seed), rate, 2
         self.injected: list[int] = []
         self.forwarded = 0
         self._in_a_row = 0
         self._lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.port = self.server.server_address[1]
-        self.endpoint = f"https://127.0.0.1:{self.port}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__(upstream, cert=cert, key=key)
 
-    def _fault(self, method: str, path: str) -> int | None:
+    def fault(self, method: str, path: str) -> int | None:
         if method == "GET" and path == "/":
             return None  # the account document: the SDK reads it once, outside its retries
         with self._lock:
@@ -285,60 +273,8 @@ class RandomFaultProxy:
             self.forwarded += 1
             return None
 
-    def _forward(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> Any:
-        upstream = http.client.HTTPSConnection(
-            self.upstream.hostname or "127.0.0.1", self.upstream.port,
-            context=ssl._create_unverified_context(), timeout=60,
-        )  # fmt: skip
-        try:
-            upstream.request(method, path, body=body, headers=headers)
-            response = upstream.getresponse()
-            data = response.read()
-        finally:
-            upstream.close()
-        if method == "GET" and path == "/":
-            data = re.sub(rb"https://[^/\"]+/", self.endpoint.encode(), data)
-        return response.status, response.getheaders(), data
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
-                self.send_response(status)
-                for name, value in headers:
-                    if name.lower() not in ("content-length", "connection", "transfer-encoding"):
-                        self.send_header(name, value)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def handle_any(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                status = proxy._fault(self.command, self.path)
-                if status is not None:
-                    payload = json.dumps({"code": str(status), "message": "injected"}).encode()
-                    headers = [("content-type", "application/json")]
-                    if status == 429:
-                        headers.append(("x-ms-retry-after-ms", "15"))
-                    self._reply(status, headers, payload)
-                    return
-                skip = ("host", "content-length", "connection")
-                forwarded = {k: v for k, v in self.headers.items() if k.lower() not in skip}
-                self._reply(*proxy._forward(self.command, self.path, body, forwarded))
-
-            do_GET = do_POST = do_PUT = do_DELETE = handle_any
-
-        return Handler
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def fault_headers(self, status: int) -> list[tuple[str, str]]:
+        return [("x-ms-retry-after-ms", "15")] if status == 429 else []
 
 
 def _documents(make_document: DocumentMaker) -> list[dict[str, Any]]:

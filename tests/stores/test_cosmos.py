@@ -7,17 +7,13 @@ this file covers what is specific to Cosmos DB.
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
 import re
 import socket
-import ssl
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -42,6 +38,7 @@ from sslpipe.stores.cosmos import (
 )
 from sslpipe.stores.cosmos_udf import UDF_BODY, UDF_ID
 from sslpipe.stores.sqlite import SQLiteMetadataStore
+from tests.faults import CosmosProxy
 
 # The local server's certificate is self-signed; unverified TLS to loopback is intended.
 pytestmark = pytest.mark.filterwarnings("ignore:Unverified HTTPS request is being made to host")
@@ -525,28 +522,24 @@ def test_an_outdated_udf_is_used_with_a_warning(
 # --- throttling and outages, injected by a proxy in front of the server ------------------------
 
 
-class FaultProxy:
-    """A plain-HTTP proxy to the Cosmos server that answers chosen requests itself.
+class FaultProxy(CosmosProxy):
+    """A plain-HTTP proxy to the Cosmos server that answers queued requests itself.
 
-    ``fail(method, path_part, status, times)`` queues faults: an HTTP status (429 comes with
-    ``x-ms-retry-after-ms``) or 0 for a connection closed without a response. The account
-    document is rewritten so that the SDK keeps talking to the proxy.
+    ``fail(method, path_part, status, times)`` queues faults: an HTTP status (it comes with
+    ``x-ms-retry-after-ms``) or 0 for a connection closed without a response.
     """
 
     def __init__(self, upstream: str) -> None:
-        self.upstream = urlparse(upstream)
         self.faults: list[tuple[str, str, int]] = []
         self.injected: list[int] = []
         self._lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__(upstream)
 
     def fail(self, method: str, path_part: str, status: int, times: int) -> None:
         with self._lock:
             self.faults.extend([(method, path_part, status)] * times)
 
-    def _take(self, method: str, path: str) -> int | None:
+    def fault(self, method: str, path: str) -> int | None:
         with self._lock:
             for index, (m, part, status) in enumerate(self.faults):
                 if m == method and part in path:
@@ -555,60 +548,8 @@ class FaultProxy:
                     return status
         return None
 
-    def _forward(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> Any:
-        upstream = http.client.HTTPSConnection(
-            self.upstream.hostname or "127.0.0.1",
-            self.upstream.port,
-            context=ssl._create_unverified_context(),
-            timeout=60,
-        )
-        upstream.request(method, path, body=body, headers=headers)
-        response = upstream.getresponse()
-        data = response.read()
-        if method == "GET" and path == "/":
-            data = re.sub(rb"https://[^/\"]+/", self.endpoint.encode(), data)
-        return response.status, response.getheaders(), data
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
-                self.send_response(status)
-                for name, value in headers:
-                    if name.lower() not in ("content-length", "connection", "transfer-encoding"):
-                        self.send_header(name, value)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def handle_any(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                fault = proxy._take(self.command, self.path)
-                if fault == 0:
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                elif fault:
-                    payload = json.dumps({"code": str(fault), "message": "injected"}).encode()
-                    headers = [("content-type", "application/json")]
-                    self._reply(fault, [*headers, ("x-ms-retry-after-ms", "20")], payload)
-                else:
-                    skip = ("host", "content-length", "connection")
-                    forwarded = {k: v for k, v in self.headers.items() if k.lower() not in skip}
-                    self._reply(*proxy._forward(self.command, self.path, body, forwarded))
-
-            do_GET = do_POST = do_PUT = do_DELETE = handle_any
-
-        return Handler
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def fault_headers(self, status: int) -> list[tuple[str, str]]:
+        return [("x-ms-retry-after-ms", "20")]
 
 
 @pytest.fixture
