@@ -34,6 +34,8 @@ import pytest
 from sslpipe.labelstudio.client import TOKEN_ENV, LabelStudioError, connect
 from sslpipe.stores import StoreError, azure_blob, cosmos
 from sslpipe.stores.sqlite import SQLiteMetadataStore
+from tests.test_azureml import AZURE_STORES
+from tests.test_execute_e2e import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 _TAG = uuid.uuid4().hex[:12]
@@ -115,15 +117,6 @@ def test_the_search_finds_a_secret_anywhere_it_could_hide(tmp_path: Path) -> Non
 
 # --- the pipelines, with fake secrets in the environment --------------------------------------
 
-TINY = [
-    "filter.limit=64",
-    "data_prep.image_size=36",
-    "moco.image_size=32",
-    "moco.epochs=1",
-    "moco.batch_size=32",
-    "moco.projection_hidden_dim=128",
-    "moco.num_workers=0",
-]
 CLASSIFIER = [
     "filter.limit=120",
     "data_prep.image_size=36",
@@ -132,10 +125,6 @@ CLASSIFIER = [
     "classifier.batch_size=16",
     "classifier.hidden_dim=16",
     "evaluate.min_macro_f1=0.0",
-]
-AZURE_STORES = [
-    "stores.metadata_uri=cosmos://catalog-account/catalog/images",
-    "stores.blob_uri=https://catalogaccount.blob.core.windows.net/images",
 ]
 
 
