@@ -20,6 +20,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -154,9 +155,65 @@ def peak_rss_mib() -> float:
 
 
 def cpu_seconds() -> float:
-    """CPU time (user + system) of this process so far, all its threads together."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """CPU time (user + system) of this process so far, all its threads together, plus that of
+    its children that have exited and been waited for (e.g. a process pool after shutdown)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def _pss_mib(pid: int) -> float:
+    """Proportional set size of ``pid``: its own pages plus its share of pages it shares (with
+    the parent it was forked from, say), so that a process tree's PSS adds up honestly."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                for child in (task / "children").read_text().split():
+                    found += [int(child), *_descendants(int(child))]
+    return found
+
+
+class TreeMemory:
+    """Peak PSS of this process and all its descendants together, sampled by a thread every
+    ``interval_s`` while the ``with`` block runs (``peak_mib``; NaN where /proc lacks it).
+
+    A child's own peak (``VmHWM``) misses the memory of worker processes; summing their RSS
+    would count the pages they share with the parent once per process.
+    """
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s, self.peak_mib = interval_s, math.nan
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        if Path(f"/proc/{os.getpid()}/smaps_rollup").exists():
+            self.peak_mib = 0.0
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _sample(self) -> None:
+        pid = os.getpid()
+        while not self._stop.is_set():
+            total = sum(_pss_mib(p) for p in [pid, *_descendants(pid)])
+            self.peak_mib = max(self.peak_mib, total)
+            self._stop.wait(self.interval_s)
 
 
 def current_rss_mib() -> float:

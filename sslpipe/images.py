@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sslpipe.io import atomic_path
 
 # Refuse decompression bombs loudly instead of letting PIL only warn about them.
 Image.MAX_IMAGE_PIXELS = 64_000_000
@@ -20,7 +23,10 @@ class UnusableImageError(ValueError):
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+        self.reason, self.detail = reason, detail
+
+    def __reduce__(self) -> tuple[type[UnusableImageError], tuple[str, str]]:
+        return type(self), (self.reason, self.detail)  # it crosses from the decoding processes
 
 
 def decode_resized(data: bytes, shorter_side: int) -> Image.Image:
@@ -81,3 +87,16 @@ def encode_jpeg(image: Image.Image, *, quality: int = 95) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def write_resized(data: bytes, target: Path, shorter_side: int) -> tuple[int, int]:
+    """Decode ``data``, resize its shorter side to ``shorter_side`` and write it to ``target``
+    as a JPEG (atomically); returns the written image's (width, height).
+
+    Raises:
+        UnusableImageError: the bytes are not a usable image.
+    """
+    image = decode_resized(data, shorter_side)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(encode_jpeg(image))
+    return image.size

@@ -14,9 +14,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd  # imported where a table is read: the image workers never need it
 
 
 @contextlib.contextmanager
@@ -94,6 +95,8 @@ def read_csv(path: Path, *, required: tuple[str, ...] = ()) -> pd.DataFrame:
     """Read a CSV written by a step, checking that the columns the reader needs are there."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: expected a CSV file written by an earlier step")
+    import pandas as pd
+
     frame = pd.read_csv(
         path, dtype={"id": str, "blob_path": str, "label": str}, keep_default_na=False
     )

@@ -120,4 +120,3 @@ def read_skipped(model_dir: Path) -> dict[str, Any] | None:
     """The skip record of a model folder, or None when the step trained."""
     record = read_optional_json(Path(model_dir) / SKIPPED_FILE)
     return record or None
-

@@ -15,8 +15,8 @@ own event loop in a thread, so code under test may use any loop (or none).
 waits a while before it is passed on (a blob store far away), which gives a test the time to
 kill or cut something in the middle of a run.
 
-``CosmosProxy`` is an HTTP-level proxy to the Cosmos-compatible server whose subclasses answer
-chosen requests themselves (throttling, outages, dropped connections).
+``FaultProxy`` is an HTTP-level proxy (to the Cosmos-compatible server or to Azurite) whose
+subclasses answer chosen requests themselves (throttling, outages, dropped connections).
 """
 
 from __future__ import annotations
@@ -202,13 +202,14 @@ def _close(writer: asyncio.StreamWriter) -> None:
         writer.close()
 
 
-class CosmosProxy:
-    """An HTTP(S) proxy in front of the Cosmos-compatible server that may answer requests itself.
+class FaultProxy:
+    """An HTTP(S) proxy in front of a server that may answer requests itself.
 
     Subclasses decide per request in :meth:`fault`: None forwards it, 0 closes the connection
     without a response, an HTTP status is answered with an error body and
     :meth:`fault_headers`. The account document (``GET /``) is rewritten so that the SDK keeps
-    talking to the proxy. With ``cert`` and ``key`` the proxy speaks HTTPS.
+    talking to the proxy. With ``cert`` and ``key`` the proxy speaks HTTPS; it speaks to the
+    upstream server in the scheme of ``upstream``.
     """
 
     def __init__(self, upstream: str, *, cert: Path | None = None, key: Path | None = None):
@@ -233,10 +234,14 @@ class CosmosProxy:
         return []
 
     def _forward(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> Any:
-        upstream = http.client.HTTPSConnection(
-            self.upstream.hostname or "127.0.0.1", self.upstream.port,
-            context=ssl._create_unverified_context(), timeout=60,
-        )  # fmt: skip
+        host = self.upstream.hostname or "127.0.0.1"
+        upstream: http.client.HTTPConnection = (
+            http.client.HTTPSConnection(
+                host, self.upstream.port, context=ssl._create_unverified_context(), timeout=60
+            )
+            if self.upstream.scheme == "https"
+            else http.client.HTTPConnection(host, self.upstream.port, timeout=60)
+        )
         try:
             upstream.request(method, path, body=body, headers=headers)
             response = upstream.getresponse()
@@ -280,7 +285,7 @@ class CosmosProxy:
                     forwarded = {k: v for k, v in self.headers.items() if k.lower() not in skip}
                     self._reply(*proxy._forward(self.command, self.path, body, forwarded))
 
-            do_GET = do_POST = do_PUT = do_DELETE = handle_any
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = handle_any
 
         return Handler
 

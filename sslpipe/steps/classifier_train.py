@@ -229,9 +229,7 @@ def _setup_fingerprint(config: ClassifierConfig, backbone: dict[str, Any]) -> st
     return retrain_guard.setup_fingerprint({"config": settings, "backbone": backbone})
 
 
-def _guard(
-    model_name: str, model_dir: Path, *, data: str, setup: str, main: bool
-) -> str | None:
+def _guard(model_name: str, model_dir: Path, *, data: str, setup: str, main: bool) -> str | None:
     """The reason to skip training (``model_dir`` then holds ``skipped.json``), or None."""
     decision = retrain_guard.decide(model_name, data=data, setup=setup)
     if not decision.skip:

@@ -1,7 +1,9 @@
 """data_prep: fetch the selected images from the blob store and resize them.
 
-Downloads run concurrently (bounded by ``concurrency``) while decoding and resizing run in a
-thread pool, so I/O and CPU overlap; images stream through and are never all held in memory.
+Downloads run concurrently (bounded by ``concurrency``) in an event loop while decoding and
+resizing run in a pool of processes, one per usable core (:func:`decode_pool`), so that I/O and
+CPU overlap and the decoding's Python work does not contend with the downloads for one GIL;
+images stream through and are never all held in memory.
 
 Re-running into the same output folder is incremental: an image of the previous run is reused,
 without downloading its blob, when the previous manifest lists the same id with the same
@@ -47,19 +49,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from sslpipe.images import UnusableImageError, decode_resized, encode_jpeg
+from sslpipe.images import UnusableImageError, write_resized
 from sslpipe.io import (
     Journal,
     atomic_path,
@@ -257,11 +261,29 @@ def _known_etag(before: Previous | None, blob_path: str, path: str, image_size: 
     return before.etag if same else None
 
 
-def _process(data: bytes, target: Path, image_size: int) -> tuple[int, int]:
-    image = decode_resized(data, image_size)
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(encode_jpeg(image))
-    return image.size
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's share)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def decode_pool(workers: int) -> Executor:
+    """Where images are decoded: ``workers`` forked processes, started at once; threads where
+    ``workers`` is 1 (a process would only add the copying of each blob) or forking is not
+    safe (not Linux).
+
+    Call it before the event loop starts: the workers are forked while this process has no
+    resolver or executor threads, whose locks a fork could copy while held. Fork rather than
+    spawn or a fork server because those re-import the caller's main module in every worker,
+    which would demand an ``if __name__ == "__main__"`` guard of every script that calls
+    :func:`run_data_prep`.
+    """
+    if workers <= 1 or not sys.platform.startswith("linux"):
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+    pool.submit(int).result()  # forks every worker now, before the event loop's threads exist
+    return pool
 
 
 @dataclass(frozen=True)
@@ -271,7 +293,7 @@ class _Job:
     store: BlobStore
     out_dir: Path
     image_size: int
-    pool: ThreadPoolExecutor
+    pool: Executor
     previous: dict[str, Previous]
 
 
@@ -296,7 +318,9 @@ async def _fetch_one(job: _Job, row: dict[str, str]) -> Outcome:
     assert data is not None  # read_if_changed(name, None) always reads
     try:
         loop = asyncio.get_running_loop()
-        width, height = await loop.run_in_executor(job.pool, _process, data, target, job.image_size)
+        width, height = await loop.run_in_executor(
+            job.pool, write_resized, data, target, job.image_size
+        )
     except UnusableImageError as err:
         return Outcome(image_id, label, reason=err.reason, detail=str(err), downloaded=True)
     return Outcome(image_id, label, relative, width, height,
@@ -311,26 +335,25 @@ async def _fetch_all(
     concurrency: int,
     previous: dict[str, Previous],
     journal: Journal,
+    pool: Executor,
 ) -> list[Outcome]:
     outcomes: list[Outcome] = []
-    workers = max(1, min(concurrency, os.cpu_count() or 1))
     store.set_max_concurrency(concurrency)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        job = _Job(store, out_dir, image_size, pool, previous)
+    job = _Job(store, out_dir, image_size, pool, previous)
 
-        async def worker() -> None:
-            # Each worker pulls the next row when it is free: at most ``concurrency`` images
-            # are in flight, however long the id list is.
-            for row in rows:
-                outcome = await _fetch_one(job, row)
-                outcomes.append(outcome)
-                if outcome.downloaded and outcome.reason is None:
-                    journal.append(_progress(outcome, out_dir, image_size))
+    async def worker() -> None:
+        # Each worker pulls the next row when it is free: at most ``concurrency`` images
+        # are in flight, however long the id list is.
+        for row in rows:
+            outcome = await _fetch_one(job, row)
+            outcomes.append(outcome)
+            if outcome.downloaded and outcome.reason is None:
+                journal.append(_progress(outcome, out_dir, image_size))
 
-        try:
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-        finally:
-            await store.close()
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        await store.close()
     return outcomes
 
 
@@ -344,6 +367,7 @@ def run_data_prep(
     max_skipped_fraction: float = 0.05,
     nodes: int = 1,
     environ: Mapping[str, str] | None = None,
+    decode_workers: int | None = None,
 ) -> dict[str, Any]:
     """Fetch and resize every image in ``ids_dir/ids.csv``; returns the stats.
 
@@ -355,6 +379,9 @@ def run_data_prep(
     ``environ`` (default ``os.environ``; see :func:`node_shard`), and writes its parts; the
     node that completes the set merges them (module docstring). The stats returned are those
     of the whole selection when this call merged, else those of its shard (with ``rank``).
+
+    ``decode_workers``: processes that decode and resize (default: one per usable core, at most
+    ``concurrency``; 1 decodes in a thread of this process).
 
     Raises:
         TooManySkippedError: when the skipped share of the whole selection exceeds
@@ -401,9 +428,10 @@ def run_data_prep(
     previous |= journaled
     if previous:
         log.info("%d images of the previous run may be reused", len(previous))
-    with Journal(journal_path) as journal:
+    workers = decode_workers or min(concurrency, usable_cores())
+    with Journal(journal_path) as journal, decode_pool(workers) as pool:
         outcomes = asyncio.run(
-            _fetch_all(store, rows, output_dir, image_size, concurrency, previous, journal)
+            _fetch_all(store, rows, output_dir, image_size, concurrency, previous, journal, pool)
         )
     outcomes += duplicates
     seconds = time.perf_counter() - started
@@ -433,19 +461,18 @@ def run_data_prep(
 def _duplicates(table: pd.DataFrame, repeated: pd.Series) -> list[Outcome]:
     """A ``duplicate_id`` outcome for each row of ``table`` that repeats an earlier row's id
     (``repeated``), naming both lines of ids.csv (the frame's index is the row number)."""
-    first: dict[str, int] = {}
+    if not repeated.any():
+        return []  # the usual case: no pass over the rows
+    ids = table["id"].astype(str)
+    first_line = {image_id: int(str(index)) + 2 for index, image_id in ids[~repeated].items()}
     outcomes = []
-    for index, row in table.iterrows():
+    for index, row in table[repeated].iterrows():
         image_id, line = str(row["id"]), int(str(index)) + 2  # after the header, from 1
-        first.setdefault(image_id, line)
-        if repeated[index]:
-            detail = (
-                f"ids.csv line {line} repeats the id of line {first[image_id]} "
-                f"(blob {row['blob_path']!r}); only the first is fetched"
-            )
-            outcomes.append(
-                Outcome(image_id, str(row["label"]), reason="duplicate_id", detail=detail)
-            )
+        detail = (
+            f"ids.csv line {line} repeats the id of line {first_line[image_id]} "
+            f"(blob {row['blob_path']!r}); only the first is fetched"
+        )
+        outcomes.append(Outcome(image_id, str(row["label"]), reason="duplicate_id", detail=detail))
     return outcomes
 
 

@@ -14,10 +14,16 @@ Credentials, first found wins (the store's ``auth`` names the source, never the 
 4. ``AZURE_STORAGE_KEY`` (the account name is read from the URI);
 5. ``azure.identity.aio.DefaultAzureCredential`` (managed identity on Azure ML compute).
 
-One aiohttp session (connection pool) serves every request of a store; it is opened on first use
-in the running event loop and released by :meth:`AzureBlobStore.close`. Transient failures are
+One aiohttp session (connection pool) serves the SDK's requests of a store; it is opened on first
+use in the running event loop and released by :meth:`AzureBlobStore.close`. Transient failures are
 retried with exponential backoff by the SDK's retry policy, and a download whose body breaks off
 is retried whole; secrets never appear in the store's URI, its repr, logs or error messages.
+
+Blob reads with a SAS or an account key (which signs a read-only container SAS) skip the SDK's
+pipeline: each is one plain GET (:mod:`sslpipe.stores.blob_get`) on a second pool of the same
+size, retried the same way, about ten times cheaper in CPU; with a token credential they go
+through the SDK. That pool reads the proxy settings (HTTPS_PROXY, NO_PROXY) once, not per request
+as aiohttp's ``trust_env`` does (two thread hand-offs and a read of ~/.netrc per request).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from azure.storage.blob.aio import BlobServiceClient, ContainerClient, Exponenti
 
 from sslpipe.logs import get_logger
 from sslpipe.stores.base import BlobInfo, BlobNotFoundError, BlobStore, StoreError, blob_key
+from sslpipe.stores.blob_get import BlobReads, BlobStatusError, SasSource, blob_url
 from sslpipe.uris import is_loopback_host, redact_uri
 
 log = get_logger("stores.azure_blob")
@@ -67,6 +74,9 @@ _SIGNATURE = re.compile(r"(?i)(sig|key|token|secret|password|accountkey)=[^&;\s]
 # Status codes worth a second try once the SDK's own retries are spent; None: no response at all.
 _TRANSIENT_STATUS = (None, 408, 429, 500, 502, 503, 504)
 _NOT_MODIFIED = 304
+_NOT_FOUND = 404
+# What a read may raise besides the service's answers: the SDK's errors and the connection's.
+_READ_ERRORS = (AzureError, aiohttp.ClientError, ConnectionError, TimeoutError)
 # The credential is valid but does not allow the operation (e.g. a SAS without that permission).
 _PERMISSION_CODES = ("AuthorizationPermissionMismatch", "AuthorizationResourceTypeMismatch")
 
@@ -260,7 +270,7 @@ def _is_transient(error: BaseException) -> bool:
     """True for a dropped connection, a broken-off body or a 408/429/5xx answer."""
     if isinstance(error, ServiceRequestError | ServiceResponseError):
         return True
-    if isinstance(error, HttpResponseError):
+    if isinstance(error, HttpResponseError | BlobStatusError):
         return error.status_code in _TRANSIENT_STATUS
     return isinstance(error, aiohttp.ClientError | ConnectionError | TimeoutError)
 
@@ -308,18 +318,22 @@ def _bare_etag(etag: str | None) -> str:
 
 @dataclass
 class _Client:
-    """The clients of one event loop: one aiohttp session shared by every request."""
+    """The clients of one event loop: one aiohttp session shared by the SDK's requests, and
+    one for plain GETs (``reads``, with the proxy of the environment, if any)."""
 
     loop: asyncio.AbstractEventLoop
     session: aiohttp.ClientSession
     service: BlobServiceClient
     container: ContainerClient
     token_credential: Any = None
+    reads: BlobReads | None = None
 
     async def close(self) -> None:
         await self.container.close()
         await self.service.close()
         await self.session.close()
+        if self.reads is not None:
+            await self.reads.session.close()
         if self.token_credential is not None:
             await self.token_credential.close()
 
@@ -347,6 +361,8 @@ class AzureBlobStore(BlobStore):
         backoff_s: wait before the first retry; doubled for each further one (``max_backoff_s``).
         download_attempts: tries of a whole download whose connection broke off.
         connection_timeout_s, read_timeout_s: per request.
+        direct_reads: download blobs with plain GETs (:mod:`sslpipe.stores.blob_get`) when the
+            credential is a SAS or an account key; False: always through the SDK.
     """
 
     def __init__(
@@ -361,6 +377,7 @@ class AzureBlobStore(BlobStore):
         download_attempts: int = 3,
         connection_timeout_s: float = 20.0,
         read_timeout_s: float = 120.0,
+        direct_reads: bool = True,
     ) -> None:
         if max_connections < 1 or retry_total < 0 or download_attempts < 1 or backoff_s < 0:
             raise ValueError(
@@ -375,6 +392,10 @@ class AzureBlobStore(BlobStore):
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.connection_timeout_s, self.read_timeout_s = connection_timeout_s, read_timeout_s
         self._client: _Client | None = None
+        self._sas = SasSource.of(auth.credential, location.container) if direct_reads else None
+        self._timeout = aiohttp.ClientTimeout(
+            sock_connect=connection_timeout_s, sock_read=read_timeout_s
+        )
 
     @classmethod
     def from_uri(cls, uri: str, *, create: bool = False, **settings: Any) -> AzureBlobStore:
@@ -425,10 +446,19 @@ class AzureBlobStore(BlobStore):
         )
         container = service.get_container_client(self.container)
         loop = asyncio.get_running_loop()
-        return _Client(loop, session, service, container, token_credential)
+        reads = None
+        if self._sas is not None:
+            reads = BlobReads.for_account(
+                self.location.account_url, self.max_connections, self._timeout
+            )
+        return _Client(loop, session, service, container, token_credential, reads)
 
     def _container_client(self) -> ContainerClient:
         """The container client of the running event loop, made on first use."""
+        return self._loop_client().container
+
+    def _loop_client(self) -> _Client:
+        """The clients of the running event loop, made on first use."""
         loop = asyncio.get_running_loop()
         if self._client is not None and self._client.loop is not loop:
             if not self._client.loop.is_closed():
@@ -438,7 +468,7 @@ class AzureBlobStore(BlobStore):
             self._client = None  # its loop has ended and took the connections with it
         if self._client is None:
             self._client = self._new_client()
-        return self._client.container
+        return self._client
 
     async def close(self) -> None:
         """Release the connection pool (and the token credential); the store can be used again."""
@@ -481,9 +511,10 @@ class AzureBlobStore(BlobStore):
         text = f"{self.uri}: {doing}: {type(error).__name__}"
         text += f" ({detail})" if detail else ""
         text += f": {reason[0]} [credentials from {self.auth.source}]"
-        return StoreError(_scrub(text, self.auth.secrets))
+        made = tuple(self._sas.secrets) if self._sas is not None else ()
+        return StoreError(_scrub(text, self.auth.secrets + made))
 
-    def _not_found(self, name: str, error: ResourceNotFoundError) -> StoreError:
+    def _not_found(self, name: str, error: BaseException) -> StoreError:
         if _error_code(error) == "ContainerNotFound":
             return self._error(f"cannot read blob {name!r}: the container is gone", error)
         return BlobNotFoundError(f"blob {name!r} not found in {self.uri}")
@@ -516,9 +547,9 @@ class AzureBlobStore(BlobStore):
                 await asyncio.sleep(wait)
             try:
                 return await self._download(key, etag)
-            except ResourceNotFoundError as err:
-                raise self._not_found(name, err) from None
-            except (AzureError, aiohttp.ClientError, ConnectionError, TimeoutError) as err:
+            except (*_READ_ERRORS, BlobStatusError) as err:
+                if getattr(err, "status_code", None) == _NOT_FOUND:
+                    raise self._not_found(name, err) from None
                 if not _is_transient(err):
                     raise self._error(f"cannot read blob {name!r}", err) from None
                 last = err
@@ -528,6 +559,8 @@ class AzureBlobStore(BlobStore):
         )
 
     async def _download(self, key: str, etag: str | None) -> tuple[bytes | None, str]:
+        if self._sas is not None:
+            return await self._get(key, etag)
         blob = self._container_client().get_blob_client(key)
         conditions: dict[str, Any] = {}
         if etag:
@@ -540,6 +573,26 @@ class AzureBlobStore(BlobStore):
             raise
         data = await downloader.readall()
         return data, _bare_etag(downloader.properties.etag)
+
+    async def _get(self, key: str, etag: str | None) -> tuple[bytes | None, str]:
+        """:meth:`_download` as plain GETs, retried like the SDK's requests (``retry_total``
+        times on a dropped connection or a transient status, after the service's Retry-After
+        when it gives one, else after the backoff); the last error is raised."""
+        assert self._sas is not None
+        reads = self._loop_client().reads
+        assert reads is not None
+        url = blob_url(self.uri, key, self._sas.token())
+        for retry in range(self.retry_total + 1):
+            try:
+                return await reads.get(url, etag)
+            except (*_READ_ERRORS, BlobStatusError) as err:
+                if retry == self.retry_total or not _is_transient(err):
+                    raise
+                wait = getattr(err, "retry_after_s", None)
+                if wait is None:
+                    wait = backoff_seconds(retry, self.backoff_s, self.max_backoff_s)
+                await asyncio.sleep(min(wait, self.max_backoff_s))
+        raise AssertionError("unreachable: the last try returns or raises")
 
     async def info(self, name: str) -> BlobInfo:
         """The blob's name, size and ETag from one HEAD request; BlobNotFoundError when absent."""

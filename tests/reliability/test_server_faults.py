@@ -49,7 +49,7 @@ from sslpipe.stores import StoreError
 from sslpipe.stores.azure_blob import CONNECTION_STRING_ENV, AzureBlobStore
 from sslpipe.stores.cosmos import KEY_ENV, CosmosMetadataStore
 from tests.conftest import DocumentMaker, _servers_module
-from tests.faults import CosmosProxy, CuttingProxy
+from tests.faults import CuttingProxy, FaultProxy
 
 pytestmark = [
     pytest.mark.servers,
@@ -245,7 +245,7 @@ def test_data_prep_that_gives_up_fails_clearly_and_resumes_after_the_restart(
 # --- Cosmos: throttling and outages at random --------------------------------------------------
 
 
-class RandomFaultProxy(CosmosProxy):
+class RandomFaultProxy(FaultProxy):
     """An HTTPS proxy to the Cosmos server that answers requests at random (seeded) with 429
     (``x-ms-retry-after-ms``) or 503 instead of forwarding them; never more than ``streak``
     faults in a row, so that the SDK's retries always get through."""

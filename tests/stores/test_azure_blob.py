@@ -9,6 +9,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -17,9 +18,9 @@ from urllib.parse import urlparse
 import pytest
 from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
 from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
-from faults import CuttingProxy
+from faults import CuttingProxy, FaultProxy
 
-from sslpipe.stores import StoreError, open_blob_store
+from sslpipe.stores import StoreError, blob_get, open_blob_store
 from sslpipe.stores.azure_blob import (
     ACCOUNT_KEY_ENV,
     CONNECTION_STRING_ENV,
@@ -32,6 +33,7 @@ from sslpipe.stores.azure_blob import (
     resolve_auth,
 )
 from sslpipe.stores.base import BlobNotFoundError
+from sslpipe.stores.blob_get import SAS_LIFETIME, SAS_RENEW, SasSource
 
 AZURE_ENV = (CONNECTION_STRING_ENV, SAS_TOKEN_ENV, ACCOUNT_KEY_ENV)
 # Fast retries: the SDK's own retries of a broken body still sleep 1 s each.
@@ -439,7 +441,7 @@ def big_blob(
     return data
 
 
-def proxied(proxy: CuttingProxy, container: str, **settings: Any) -> AzureBlobStore:
+def proxied(proxy: CuttingProxy | FaultProxy, container: str, **settings: Any) -> AzureBlobStore:
     return AzureBlobStore.from_uri(
         f"http://127.0.0.1:{proxy.port}/devstoreaccount1/{container}", **settings
     )
@@ -489,3 +491,129 @@ def test_a_download_that_always_breaks_off_fails_naming_endpoint_and_blob(
         read_back(store, "big.bin")
     assert f"127.0.0.1:{proxy.port}/devstoreaccount1/{container}" in str(err.value)
     assert not isinstance(err.value, BlobNotFoundError)
+
+
+# --- the two read paths: plain GETs with a SAS, and the SDK ------------------------------------
+
+
+def test_a_sas_or_an_account_key_reads_with_plain_gets_and_a_token_credential_with_the_sdk() -> (
+    None
+):
+    location = parse_blob_uri("https://acct.blob.core.windows.net/images")
+    by_key = AzureBlobStore(location, resolve_auth(location, {ACCOUNT_KEY_ENV: KEY}))
+    by_sas = AzureBlobStore(location, resolve_auth(location, {SAS_TOKEN_ENV: "sv=1&sig=abc"}))
+    by_identity = AzureBlobStore(location, resolve_auth(location, {}))
+    assert by_key._sas is not None and by_sas._sas is not None and by_identity._sas is None
+    assert AzureBlobStore(location, by_key.auth, direct_reads=False)._sas is None
+
+
+def test_an_account_key_signs_a_read_only_container_sas_renewed_before_it_expires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = SasSource("images", AzureNamedKeyCredential("acct", KEY))
+    first = source.token()
+    fields = dict(part.split("=", 1) for part in first.split("&"))
+    assert fields["sp"] == "r" and fields["sr"] == "c" and "sig" in fields
+    assert source.token() == first  # made once
+    later = time.time() + (SAS_LIFETIME - SAS_RENEW).total_seconds() + 1
+    monkeypatch.setattr(blob_get.time, "time", lambda: later)
+    monkeypatch.setattr(blob_get, "datetime", _Clock(later))
+    renewed = source.token()
+    assert renewed != first and source.secrets == [first, renewed]
+
+
+class _Clock:
+    """``datetime`` as blob_get uses it, at a chosen time."""
+
+    def __init__(self, timestamp: float) -> None:
+        self.timestamp = timestamp
+
+    def now(self, tz: dt.tzinfo) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.timestamp, tz)
+
+
+@pytest.fixture(params=[True, False], ids=["plain-gets", "sdk"])
+def direct_reads(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+@pytest.mark.servers
+@pytest.mark.usefixtures("with_connection_string")
+def test_both_read_paths_answer_alike(uri: str, direct_reads: bool) -> None:
+    write_blobs(uri, {"a b/ü.jpeg": b"one"})
+    store = AzureBlobStore.from_uri(uri, direct_reads=direct_reads)
+    assert (store._sas is not None) == direct_reads
+
+    async def scenario() -> None:
+        try:
+            data, etag = await store.read_if_changed("a b/ü.jpeg", None)
+            assert data == b"one" and etag == (await store.info("a b/ü.jpeg")).etag
+            assert await store.read_if_changed("a b/ü.jpeg", etag) == (None, etag)
+            with pytest.raises(BlobNotFoundError, match=r"'a b/nope' not found"):
+                await store.read("a b/nope")
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.servers
+@pytest.mark.usefixtures("with_connection_string")
+def test_both_read_paths_tell_a_deleted_container_from_a_missing_blob(
+    azurite: dict[str, str], uri: str, container: str, direct_reads: bool
+) -> None:
+    write_blobs(uri, {"a.jpeg": b"one"})
+    store = AzureBlobStore.from_uri(uri, direct_reads=direct_reads, **FAST)
+    with BlobServiceClient.from_connection_string(azurite["connection_string"]) as service:
+        service.delete_container(container)
+    with pytest.raises(StoreError, match=r"cannot read blob 'a\.jpeg': the container is gone"):
+        read_back(store, "a.jpeg")
+
+
+class Throttling(FaultProxy):
+    """Answers the first ``busy`` GETs of blob ``t.bin`` with 503 ServerBusy and Retry-After."""
+
+    def __init__(self, upstream: str, busy: int, retry_after: str) -> None:
+        super().__init__(upstream)
+        self.busy, self.retry_after, self.refused = busy, retry_after, 0
+
+    def fault(self, method: str, path: str) -> int | None:
+        if method == "GET" and "/t.bin" in path and (self.busy < 0 or self.refused < self.busy):
+            self.refused += 1
+            return 503
+        return None
+
+    def fault_headers(self, status: int) -> list[tuple[str, str]]:
+        return [("Retry-After", self.retry_after), ("x-ms-error-code", "ServerBusy")]
+
+
+@pytest.fixture
+def throttled(azurite: dict[str, str], uri: str, big_blob: bytes) -> Iterator[Throttling]:
+    write_blobs(uri, {"t.bin": b"throttled"})
+    proxy = Throttling(azurite["blob_endpoint"].rsplit("/", 1)[0], busy=3, retry_after="0")
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@pytest.mark.servers
+def test_a_throttled_read_waits_and_tries_again(
+    throttled: Throttling, container: str, direct_reads: bool
+) -> None:
+    store = proxied(throttled, container, retry_total=3, direct_reads=direct_reads)
+    assert read_back(store, "t.bin") == b"throttled"
+    assert throttled.refused == 3
+
+
+@pytest.mark.servers
+def test_a_read_throttled_for_good_fails_naming_status_code_and_blob(
+    throttled: Throttling, container: str
+) -> None:
+    throttled.busy = -1
+    store = proxied(throttled, container, **FAST, download_attempts=2)
+    with pytest.raises(
+        StoreError, match=r"cannot read blob 't\.bin' after 2 download attempts.*503.*ServerBusy"
+    ):
+        read_back(store, "t.bin")
+    assert throttled.refused == 2 * (FAST["retry_total"] + 1)

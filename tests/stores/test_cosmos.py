@@ -38,7 +38,7 @@ from sslpipe.stores.cosmos import (
 )
 from sslpipe.stores.cosmos_udf import UDF_BODY, UDF_ID
 from sslpipe.stores.sqlite import SQLiteMetadataStore
-from tests.faults import CosmosProxy
+from tests.faults import FaultProxy as HttpFaultProxy
 
 # The local server's certificate is self-signed; unverified TLS to loopback is intended.
 pytestmark = pytest.mark.filterwarnings("ignore:Unverified HTTPS request is being made to host")
@@ -145,6 +145,27 @@ def test_the_udf_mode_passes_the_label_lists_to_the_udf() -> None:
     assert f"ARRAY_LENGTH(udf.{UDF_ID}(c.id, c.labels_with_taxonomy, @exclude_labels, "
     assert "@no_labels)) = 0" in only_exclude
     assert {p["name"]: p["value"] for p in params}["@no_labels"] == []
+
+
+def test_the_documents_query_has_the_same_filter_as_the_ids_query() -> None:
+    image_filter = ImageFilter(include_labels=[["A"]], min_annotators=2)
+    ids_query, params = compile_filter(image_filter)
+    documents_query, same_params = compile_filter(image_filter, documents=True)
+    assert documents_query.startswith("SELECT VALUE c FROM c ")
+    assert documents_query.removeprefix("SELECT VALUE c ") == ids_query.removeprefix(
+        "SELECT VALUE c.id "
+    )
+    assert same_params == params
+
+
+def test_selected_documents_come_back_in_code_point_order_of_their_ids() -> None:
+    documents = [{"id": i, "n": n} for n, i in enumerate(["🛁", "b", "Ａ", "a", "b"])]
+    ordered = list(cosmos_module.in_id_order(iter(documents), None))
+    # The repeated "b" keeps its last document; "Ａ" (U+FF21) sorts before "🛁" (U+1F6C1).
+    assert ordered == [{"id": "a", "n": 3}, {"id": "b", "n": 4}, {"id": "Ａ", "n": 2},
+                       {"id": "🛁", "n": 0}]  # fmt: skip
+    assert [d["id"] for d in cosmos_module.in_id_order(iter(documents), 2)] == ["a", "b"]
+    assert list(cosmos_module.in_id_order(iter([]), None)) == []
 
 
 @pytest.mark.parametrize("use_udf", [False, True], ids=["sql", "udf"])
@@ -408,12 +429,12 @@ def test_upsert_in_chunks_with_concurrent_writes(
     store: CosmosMetadataStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cosmos_module, "_CHUNK", 7)
-    monkeypatch.setattr(cosmos_module, "_ID_PAGE", 5)
+    monkeypatch.setattr(cosmos_module, "_PAGE", 5)
     documents = (doc(f"p{i:03d}", (i % 3, ["A"])) for i in range(40))
     assert store.upsert(documents) == UpsertReport(created=40)
     assert store.count() == 40
     selected = _ids(store, ImageFilter(include_labels=[["A"]]))
-    assert selected == [f"p{i:03d}" for i in range(40)]  # paged ids, chunked reads, in order
+    assert selected == [f"p{i:03d}" for i in range(40)]  # paged, in order
     assert _ids(store, ImageFilter(limit=9)) == selected[:9]
 
 
@@ -522,7 +543,7 @@ def test_an_outdated_udf_is_used_with_a_warning(
 # --- throttling and outages, injected by a proxy in front of the server ------------------------
 
 
-class FaultProxy(CosmosProxy):
+class FaultProxy(HttpFaultProxy):
     """A plain-HTTP proxy to the Cosmos server that answers queued requests itself.
 
     ``fail(method, path_part, status, times)`` queues faults: an HTTP status (it comes with
@@ -601,7 +622,7 @@ def test_exhausted_retries_raise_store_error_naming_the_operation(
 ) -> None:
     proxy, store = proxied
     proxy.fail("POST", "/docs", status, times=100)
-    with pytest.raises(StoreError, match="select document ids failed") as err:
+    with pytest.raises(StoreError, match="select documents failed") as err:
         list(store.select(ImageFilter()))
     assert proxy.endpoint in str(err.value) and reason in str(err.value)
     assert len(proxy.injected) >= 2  # retried before giving up
