@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sslpipe.io import atomic_path
+from sslpipe.io import write_atomically
 
 # Refuse decompression bombs loudly instead of letting PIL only warn about them.
 Image.MAX_IMAGE_PIXELS = 64_000_000
@@ -97,6 +97,5 @@ def write_resized(data: bytes, target: Path, shorter_side: int) -> tuple[int, in
         UnusableImageError: the bytes are not a usable image.
     """
     image = decode_resized(data, shorter_side)
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(encode_jpeg(image))
+    write_atomically(target, encode_jpeg(image))
     return image.size

@@ -1,9 +1,11 @@
 """data_prep: fetch the selected images from the blob store and resize them.
 
-Downloads run concurrently (bounded by ``concurrency``) in an event loop while decoding and
-resizing run in a pool of processes, one per usable core (:func:`decode_pool`), so that I/O and
-CPU overlap and the decoding's Python work does not contend with the downloads for one GIL;
-images stream through and are never all held in memory.
+Images are fetched by one process per usable core (:func:`_fetch`), each with its share of
+the rows: downloads run concurrently in its event loop (``concurrency`` in flight over all
+processes) and it decodes and resizes each image as it arrives, so that I/O and CPU overlap
+and no process's decoding waits for another's downloads to let go of a GIL. The processes
+report each outcome to the step's process, which journals it; images stream through and are
+never all held in memory.
 
 Re-running into the same output folder is incremental: an image of the previous run is reused,
 without downloading its blob, when the previous manifest lists the same id with the same
@@ -49,20 +51,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import multiprocessing
 import os
 import shutil
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from functools import partial
+from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from sslpipe.forked import Send, can_fork, run_forked
 from sslpipe.images import UnusableImageError, write_resized
 from sslpipe.io import (
     Journal,
@@ -268,24 +271,6 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def decode_pool(workers: int) -> Executor:
-    """Where images are decoded: ``workers`` forked processes, started at once; threads where
-    ``workers`` is 1 (a process would only add the copying of each blob) or forking is not
-    safe (not Linux).
-
-    Call it before the event loop starts: the workers are forked while this process has no
-    resolver or executor threads, whose locks a fork could copy while held. Fork rather than
-    spawn or a fork server because those re-import the caller's main module in every worker,
-    which would demand an ``if __name__ == "__main__"`` guard of every script that calls
-    :func:`run_data_prep`.
-    """
-    if workers <= 1 or not sys.platform.startswith("linux"):
-        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
-    pool.submit(int).result()  # forks every worker now, before the event loop's threads exist
-    return pool
-
-
 @dataclass(frozen=True)
 class _Job:
     """What every fetch of one run shares."""
@@ -293,8 +278,9 @@ class _Job:
     store: BlobStore
     out_dir: Path
     image_size: int
-    pool: Executor
     previous: dict[str, Previous]
+    concurrency: int  # images in flight in one event loop
+    pool: Executor | None = None  # decodes in threads; None: in the event loop's thread
 
 
 async def _fetch_one(job: _Job, row: dict[str, str]) -> Outcome:
@@ -317,43 +303,81 @@ async def _fetch_one(job: _Job, row: dict[str, str]) -> Outcome:
                        blob_path=blob_path, etag=etag, reused=True)  # fmt: skip
     assert data is not None  # read_if_changed(name, None) always reads
     try:
-        loop = asyncio.get_running_loop()
-        width, height = await loop.run_in_executor(
-            job.pool, write_resized, data, target, job.image_size
-        )
+        if job.pool is None:
+            width, height = write_resized(data, target, job.image_size)
+        else:
+            loop = asyncio.get_running_loop()
+            width, height = await loop.run_in_executor(
+                job.pool, write_resized, data, target, job.image_size
+            )
     except UnusableImageError as err:
         return Outcome(image_id, label, reason=err.reason, detail=str(err), downloaded=True)
     return Outcome(image_id, label, relative, width, height,
                    blob_path=blob_path, etag=etag, downloaded=True)  # fmt: skip
 
 
+# What a fetch reports: its outcome, and the journal line of an image it wrote (else None).
+Report = tuple[Outcome, dict[str, Any] | None]
+
+
 async def _fetch_all(
-    store: BlobStore,
-    rows: Iterator[dict[str, str]],
-    out_dir: Path,
-    image_size: int,
-    concurrency: int,
-    previous: dict[str, Previous],
-    journal: Journal,
-    pool: Executor,
-) -> list[Outcome]:
-    outcomes: list[Outcome] = []
-    store.set_max_concurrency(concurrency)
-    job = _Job(store, out_dir, image_size, pool, previous)
+    job: _Job,
+    rows: Iterable[dict[str, str]],
+    report: Callable[[Report], None],
+    stop: Event | None = None,
+) -> None:
+    """Fetch every row, ``job.concurrency`` at a time, reporting each outcome as it comes;
+    no new row is started once ``stop`` is set."""
+    job.store.set_max_concurrency(job.concurrency)
+    todo = iter(rows)
 
     async def worker() -> None:
         # Each worker pulls the next row when it is free: at most ``concurrency`` images
         # are in flight, however long the id list is.
-        for row in rows:
+        for row in todo:
             outcome = await _fetch_one(job, row)
-            outcomes.append(outcome)
-            if outcome.downloaded and outcome.reason is None:
-                journal.append(_progress(outcome, out_dir, image_size))
+            written = outcome.downloaded and outcome.reason is None
+            report((outcome, _progress(outcome, job.out_dir, job.image_size) if written else None))
+            if stop is not None and stop.is_set():
+                return
 
     try:
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker() for _ in range(job.concurrency)))
     finally:
-        await store.close()
+        await job.store.close()
+
+
+def _fetch_share(job: _Job, rows: list[dict[str, str]], send: Send, stop: Event) -> None:
+    """A fetching process: its share of the rows in its own event loop, decoding in line."""
+    asyncio.run(_fetch_all(job, rows, send, stop))
+
+
+def _fetch(
+    job: _Job, rows: list[dict[str, str]], processes: int, journal: Journal
+) -> list[Outcome]:
+    """Every row's outcome; the images written are journaled as they come.
+
+    With ``processes`` > 1 (on Linux) each of that many forked processes fetches every
+    ``processes``-th row in its own event loop and decodes in line, so the decoding of one
+    never waits for the downloads of another to let go of the GIL, and nothing but the small
+    reports crosses processes (sending the blobs to decoding processes cost more CPU than the
+    decoding saved). Else one event loop here, decoding in ``processes`` threads.
+    """
+    outcomes: list[Outcome] = []
+
+    def record(report: Report) -> None:
+        outcome, progress = report
+        outcomes.append(outcome)
+        if progress is not None:
+            journal.append(progress)
+
+    if processes > 1 and len(rows) > 1 and can_fork():
+        share = replace(job, concurrency=-(-job.concurrency // processes))  # ceiling
+        shares = [rows[number::processes] for number in range(min(processes, len(rows)))]
+        run_forked(shares, partial(_fetch_share, share), record, name="data_prep-fetch")
+        return outcomes
+    with ThreadPoolExecutor(max_workers=processes, thread_name_prefix="decode") as pool:
+        asyncio.run(_fetch_all(replace(job, pool=pool), rows, record))
     return outcomes
 
 
@@ -367,7 +391,7 @@ def run_data_prep(
     max_skipped_fraction: float = 0.05,
     nodes: int = 1,
     environ: Mapping[str, str] | None = None,
-    decode_workers: int | None = None,
+    processes: int | None = None,
 ) -> dict[str, Any]:
     """Fetch and resize every image in ``ids_dir/ids.csv``; returns the stats.
 
@@ -380,8 +404,9 @@ def run_data_prep(
     node that completes the set merges them (module docstring). The stats returned are those
     of the whole selection when this call merged, else those of its shard (with ``rank``).
 
-    ``decode_workers``: processes that decode and resize (default: one per usable core, at most
-    ``concurrency``; 1 decodes in a thread of this process).
+    ``processes``: processes that fetch, decode and resize, each with its share of the rows
+    and of ``concurrency`` (default: one per usable core, at most ``concurrency``; 1: this
+    process, decoding in a thread).
 
     Raises:
         TooManySkippedError: when the skipped share of the whole selection exceeds
@@ -413,7 +438,7 @@ def run_data_prep(
     started = time.perf_counter()
     repeated = mine["id"].astype(str).duplicated()
     duplicates = _duplicates(mine, repeated)
-    rows = iter(mine[~repeated][["id", "blob_path", "label"]].to_dict("records"))
+    rows = mine[~repeated][["id", "blob_path", "label"]].to_dict("records")
     previous = _previous_images(output_dir, output_dir / "manifest.csv")
     if shard.count > 1:
         # This node's part of an earlier run, which may never have been merged (another node
@@ -428,11 +453,9 @@ def run_data_prep(
     previous |= journaled
     if previous:
         log.info("%d images of the previous run may be reused", len(previous))
-    workers = decode_workers or min(concurrency, usable_cores())
-    with Journal(journal_path) as journal, decode_pool(workers) as pool:
-        outcomes = asyncio.run(
-            _fetch_all(store, rows, output_dir, image_size, concurrency, previous, journal, pool)
-        )
+    job = _Job(store, output_dir, image_size, previous, concurrency)
+    with Journal(journal_path) as journal:
+        outcomes = _fetch(job, rows, processes or min(concurrency, usable_cores()), journal)
     outcomes += duplicates
     seconds = time.perf_counter() - started
     extra = table[["id", *(c for c in table.columns if c not in _NOT_PASSED)]]

@@ -162,11 +162,15 @@ def test_ids_without_a_label_column_get_empty_labels(tiny_catalog: Any) -> None:
     assert read_csv(tiny_catalog.root / "data" / "manifest.csv").loc[0, "label"] == ""
 
 
-@pytest.mark.parametrize("concurrency", [1, 3, 64])
-def test_the_result_does_not_depend_on_concurrency(broken_catalog: Any, concurrency: int) -> None:
+@pytest.mark.parametrize(
+    ("concurrency", "processes"), [(1, None), (3, 1), (3, 2), (64, 3), (64, 16)]
+)
+def test_the_result_does_not_depend_on_concurrency_or_processes(
+    broken_catalog: Any, concurrency: int, processes: int | None
+) -> None:
     rows = [*GOOD, ("d.jpeg", "x"), ("e.jpeg", "y"), ("f.jpeg", "z"), ("wide.jpeg", "w")]
     ids_dir = write_ids(broken_catalog.root / "ids", rows)
-    stats = prep(broken_catalog, ids_dir, concurrency=concurrency)
+    stats = prep(broken_catalog, ids_dir, concurrency=concurrency, processes=processes)
     manifest = read_csv(broken_catalog.root / "data" / "manifest.csv")
     assert stats["prepared"] == 7
     assert list(manifest["id"]) == sorted(i for i, _ in rows)
