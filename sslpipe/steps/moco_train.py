@@ -6,9 +6,13 @@ Outputs:
                  metrics.json, registered_model.json
     checkpoint/  last.pt, rewritten atomically after every epoch; ``resume`` continues from it
 
+One DataLoader, whose workers persist, serves every epoch; each image's views are drawn with a
+seed of their own, so a resumed run trains exactly like one that never stopped
+(sslpipe.moco.epochs).
+
 Several processes (torchrun, or Azure ML's PyTorch distribution; see sslpipe.distributed):
-every process trains on its own shard of the images (DistributedSampler) with ``batch_size``
-images per step, so the global batch, which the queue receives at every step, is
+every process trains on its own shard of the images (sslpipe.moco.epochs.EpochOrder) with
+``batch_size`` images per step, so the global batch, which the queue receives at every step, is
 ``batch_size x WORLD_SIZE``; the learning rate is not rescaled. The query encoder is wrapped in
 DistributedDataParallel and keys are gathered from all processes before they are enqueued
 (sslpipe.moco.MoCo.distribute). Rank 0 alone writes checkpoints, logs, metrics, plots, the kNN
@@ -34,7 +38,7 @@ import matplotlib.pyplot as plt
 import mlflow
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from sslpipe import distributed, retrain_guard
 from sslpipe.backbone_io import save_backbone
@@ -50,6 +54,7 @@ from sslpipe.moco import (
     leave_one_out_knn_top1,
 )
 from sslpipe.moco.batch_augment import BatchMoCoV2Augment, crop_transform
+from sslpipe.moco.epochs import EpochOrder, SeededItems
 from sslpipe.registry import (
     configure_tracking,
     download_model,
@@ -146,33 +151,21 @@ def build_model(config: MocoConfig, queue_size: int, device: torch.device | None
 
 def _loader(
     dataset: Dataset[Any],
+    order: EpochOrder,
     batch: int,
     workers: int,
     *,
-    seed: int,
-    epoch: int,
-    env: distributed.DistEnv,
     pin_memory: bool = False,
 ) -> DataLoader[Any]:
-    """The epoch's loader: a seeded shuffle, or this process's shard of a shared shuffle."""
-    generator = torch.Generator().manual_seed(distributed.epoch_seed(seed, epoch, env.rank))
-    sampler: DistributedSampler[Any] | None = None
-    if env.is_distributed:
-        # The same permutation in every process (seed, epoch), each taking every world_size-th
-        # image; drop_last so that every process runs the same number of steps.
-        sampler = DistributedSampler(
-            dataset, num_replicas=env.world_size, rank=env.rank, seed=seed, drop_last=True
-        )
-        sampler.set_epoch(epoch)
+    """The loader of every epoch (``order.set_epoch`` before each): its workers live through
+    the run instead of being forked anew every epoch (:mod:`sslpipe.moco.epochs`)."""
     return DataLoader(
-        dataset,
+        SeededItems(dataset, order.seed),
         batch_size=batch,
-        shuffle=sampler is None,
-        sampler=sampler,
+        sampler=order,
         drop_last=True,
         num_workers=workers,
-        generator=generator,
-        persistent_workers=False,
+        persistent_workers=workers > 0,
         pin_memory=pin_memory,
     )
 
@@ -474,22 +467,19 @@ def _run(
                 batch * env.world_size,
                 config.bn,
             )
+        order = EpochOrder(train_set, seed=config.seed, rank=env.rank, world_size=env.world_size)
+        loader = _loader(
+            train_set, order, batch, config.num_workers, pin_memory=device.type == "cuda"
+        )
         for epoch in range(state.epoch, config.epochs):
             lr = _lr_at(config, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # Seeding per epoch makes an epoch's shuffle and augmentations a function of
-            # (seed, epoch, rank) alone, so a resumed run continues like an uninterrupted one.
+            # (seed, epoch, rank) alone, so a resumed run continues like an uninterrupted one:
+            # the batched augmentations here, the crops in the loader (per item).
             torch.manual_seed(distributed.epoch_seed(config.seed, epoch, env.rank))
-            loader = _loader(
-                train_set,
-                batch,
-                config.num_workers,
-                seed=config.seed,
-                epoch=epoch,
-                env=env,
-                pin_memory=device.type == "cuda",
-            )
+            order.set_epoch(epoch)
             started = time.perf_counter()
             loss, steps = _train_epoch(model, loader, optimizer, device, augment)
             seconds = time.perf_counter() - started
@@ -514,6 +504,7 @@ def _run(
                 f", kNN top-1 {knn[-1]:.3f}" if monitor else "",
             )
             _save_checkpoint(checkpoint_dir, model, optimizer, state, config, env.world_size)
+        del loader  # its workers end now rather than when the step's process does
 
         metrics_out = {
             "final_loss": losses[-1],
