@@ -23,10 +23,7 @@ class UnusableImageError(ValueError):
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-    def __reduce__(self) -> tuple[type[UnusableImageError], tuple[str, str]]:
-        return type(self), (self.reason, self.detail)  # it crosses from the decoding processes
+        self.reason = reason
 
 
 def decode_resized(data: bytes, shorter_side: int) -> Image.Image:
