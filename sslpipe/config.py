@@ -87,6 +87,17 @@ class MocoConfig(_Section):
     temperature: float = Field(0.2, gt=0)
     projection_dim: int = Field(128, ge=1)
     projection_hidden_dim: int = Field(2048, ge=1)
+    # The MoCo v2 recipe (aug_plus); sslpipe.moco.augment documents each step.
+    crop_min_scale: float = Field(
+        0.2, gt=0, le=1, description="smallest crop area, share of the image (RandomResizedCrop)"
+    )
+    jitter_strength: float = Field(
+        0.4, ge=0, le=2, description="brightness, contrast, saturation jitter; hue a quarter"
+    )
+    jitter_p: float = Field(0.8, ge=0, le=1, description="probability of the colour jitter")
+    grayscale_p: float = Field(0.2, ge=0, le=1, description="probability of grayscale")
+    blur_p: float = Field(0.5, ge=0, le=1, description="probability of Gaussian blur")
+    horizontal_flip_p: float = Field(0.5, ge=0, le=1, description="probability of a flip")
     vertical_flip: bool = Field(False, description="the seed's extra augmentation")
     rotation_degrees: float = Field(0.0, ge=0, le=180, description="the seed's extra augmentation")
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes")
@@ -96,7 +107,13 @@ class MocoConfig(_Section):
     # Distributed data-parallel training (sslpipe.distributed). batch_size is per process: the
     # global batch, which the queue receives at every step, is batch_size x nodes x
     # processes_per_node. A str rather than a Literal, like backbone, to mirror the component.
-    bn: str = Field("shuffle", description="under DDP: shuffle-BN, sync (SyncBatchNorm) or none")
+    bn: str = Field(
+        "shuffle",
+        description="shuffle-BN (split BN in one process), sync (SyncBatchNorm, DDP) or none",
+    )
+    bn_splits: int = Field(
+        0, ge=0, description="one process, bn=shuffle: BN groups per batch (0: one per 32 images)"
+    )
     nodes: int = Field(1, ge=1, description="machines (Azure ML resources.instance_count)")
     processes_per_node: int = Field(
         1, ge=1, description="training processes per machine (one per GPU); >1 runs torchrun"

@@ -18,7 +18,9 @@ def _check_temperature(temperature: float, where: str) -> None:
         )
 
 
-def moco_logits(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def moco_logits(
+    q: Tensor, k: Tensor, queue: Tensor, temperature: float, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Logits and targets of the (1+K)-way classification task of MoCo.
 
     Args:
@@ -27,6 +29,9 @@ def moco_logits(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> tupl
         queue: (K, D) negative keys, expected already L2-normalised (as :class:`KeyQueue`
             holds them); not normalised here because it is the same tensor for every step.
         temperature: Softmax temperature tau > 0.
+        mask: Optional bool, (N, K) or (1, K): True where queue key j is not a negative of
+            query i (see :meth:`KeyQueue.negatives_mask`); its logit becomes -inf, so it takes
+            no part in the softmax. The positive is never masked.
 
     Returns:
         ``(logits, labels)``: logits (N, 1+K) whose column 0 is ``q_i . k_i / tau`` and columns
@@ -49,6 +54,13 @@ def moco_logits(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> tupl
     k = F.normalize(k, dim=1)
     positives = torch.einsum("nd,nd->n", q, k).unsqueeze(1)  # (N, 1)
     negatives = q @ queue.to(q.dtype).T  # (N, K)
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.ndim != 2 or mask.shape[1] != queue.shape[0]:
+            raise ValueError(
+                f"moco_logits: mask must be bool of shape (N, {queue.shape[0]}) or "
+                f"(1, {queue.shape[0]}), got {mask.dtype} {tuple(mask.shape)}."
+            )
+        negatives = negatives.masked_fill(mask, float("-inf"))
     logits = torch.cat([positives, negatives], dim=1) / temperature
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return logits, labels
@@ -69,9 +81,10 @@ class InfoNCELoss(nn.Module):
         _check_temperature(temperature, "InfoNCELoss")
         self.temperature = float(temperature)
 
-    def forward(self, q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
-        """Mean InfoNCE loss of the queries ``q`` against keys ``k`` and negatives ``queue``."""
-        logits, labels = moco_logits(q, k, queue, self.temperature)
+    def forward(self, q: Tensor, k: Tensor, queue: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Mean InfoNCE loss of the queries ``q`` against keys ``k`` and the negatives of
+        ``queue`` that ``mask`` leaves (all of them without a mask)."""
+        logits, labels = moco_logits(q, k, queue, self.temperature, mask)
         return F.cross_entropy(logits, labels)
 
     def extra_repr(self) -> str:

@@ -26,6 +26,7 @@ from sslpipe.moco.ddp import (
 from sslpipe.moco.heads import ProjectionHead
 from sslpipe.moco.loss import InfoNCELoss
 from sslpipe.moco.queue import KeyQueue
+from sslpipe.moco.split_bn import convert_split_batchnorm, set_splits, shuffled_order
 
 
 def _check_momentum(m: float, where: str) -> None:
@@ -117,10 +118,12 @@ class MoCo(nn.Module):
         queue_size: Number K of negative keys.
         key_momentum: Momentum m of the key encoder update, in [0, 1].
         temperature: Temperature of the InfoNCE loss.
-        bn: How batch normalisation is kept from leaking the positive pair when training in
-            several processes (see :mod:`sslpipe.moco.ddp`): ``"shuffle"`` (shuffle-BN, the
-            MoCo paper's), ``"sync"`` (SyncBatchNorm) or ``"none"``. It takes effect in
-            :meth:`distribute`; a single process trains the same with any of them.
+        bn: How batch normalisation is kept from leaking the positive pair (see
+            :mod:`sslpipe.moco.ddp`): ``"shuffle"`` (shuffle-BN, the MoCo paper's), ``"sync"``
+            (SyncBatchNorm, several processes only) or ``"none"``. In one process, shuffle-BN
+            is emulated with ``bn_splits`` groups (:mod:`sslpipe.moco.split_bn`).
+        bn_splits: With ``bn="shuffle"`` in one process: the number of groups each batch is
+            normalised in, the key batch shuffled across them; 1 turns the emulation off.
 
     Multi-process training: after moving the model to its device, call :meth:`distribute`
     in every process. The query encoder is then wrapped in DistributedDataParallel, and the
@@ -146,6 +149,7 @@ class MoCo(nn.Module):
         key_momentum: float = 0.99,
         temperature: float = 0.2,
         bn: BatchNormMode = "shuffle",
+        bn_splits: int = 1,
     ) -> None:
         super().__init__()
         if bn not in BN_MODES:
@@ -157,10 +161,14 @@ class MoCo(nn.Module):
         _check_positive_int(projection_hidden_dim, "projection_hidden_dim")
         _check_positive_int(projection_dim, "projection_dim")
         _check_positive_int(queue_size, "queue_size")
+        _check_positive_int(bn_splits, "bn_splits")
         _check_momentum(key_momentum, "MoCo key_momentum")
         self.feature_dim = feature_dim
         self.key_momentum = float(key_momentum)
         self.bn: BatchNormMode = bn
+        self.bn_splits = bn_splits if bn == "shuffle" else 1
+        if self.bn_splits > 1:
+            backbone = convert_split_batchnorm(backbone, self.bn_splits)
 
         self.backbone = backbone
         self.projection_head = ProjectionHead(
@@ -196,6 +204,9 @@ class MoCo(nn.Module):
             return
         if self._ddp is not None:
             raise RuntimeError("MoCo.distribute: the model is already distributed.")
+        # Across processes shuffle-BN is real: each process normalises its own share whole.
+        self.bn_splits = 1
+        set_splits(self, 1)
         if self.bn == "sync":
             self.backbone = convert_sync_batchnorm(self.backbone)
             self.key_backbone = convert_sync_batchnorm(self.key_backbone)
@@ -257,17 +268,21 @@ class MoCo(nn.Module):
         """
         return F.normalize(self.key_projection_head(self.key_backbone(x_key)), dim=1)
 
-    def forward(self, x_query: Tensor, x_key: Tensor) -> Tensor:
+    def forward(self, x_query: Tensor, x_key: Tensor, ids: Tensor | None = None) -> Tensor:
         """Loss of one MoCo step on two augmented views of the same N images.
 
         In training mode the key encoder is first moved towards the query encoder and the keys
         of this batch are enqueued after the loss is computed, so a query's own positive key is
         never among its negatives. In eval mode neither happens, so a validation pass leaves the
-        model state untouched.
+        model state untouched. Queue slots never written, and keys of the same image from
+        earlier steps (when ``ids`` are given), are left out of the negatives
+        (:meth:`KeyQueue.negatives_mask`).
 
         Args:
             x_query: (N, 3, H, W) first views.
             x_key: (N, 3, H, W) second views, row i from the same image as ``x_query[i]``.
+            ids: (N,) ids (>= 0) of the images, the same in every process for the same image;
+                without them an image's earlier keys stay among its negatives.
 
         Returns:
             Scalar loss tensor.
@@ -277,17 +292,41 @@ class MoCo(nn.Module):
                 f"MoCo.forward: x_query has {x_query.shape[0]} images but x_key has "
                 f"{x_key.shape[0]}; pass two views of the same batch."
             )
+        if ids is not None and ids.shape != (x_query.shape[0],):
+            raise ValueError(
+                f"MoCo.forward: ids must have shape ({x_query.shape[0]},), one per image, got "
+                f"{tuple(ids.shape)}."
+            )
         q = self.encode_queries(x_query)
         with torch.no_grad():
             if self.training:
                 self.momentum_update()
             k, k_global = self._keys(x_key)
-        # Snapshot of the negatives: enqueue below writes into the buffer in place.
+            ids_global = self._global_ids(ids)
+        # Snapshots: enqueue below writes into the buffers in place.
         negatives = self.queue.keys.clone().detach()
-        loss: Tensor = self.criterion(q, k, negatives)
+        mask = self.queue.negatives_mask(ids)
+        loss: Tensor = self.criterion(q, k, negatives, mask)
         if self.training:
-            self.queue.enqueue(k_global)
+            self.queue.enqueue(k_global, ids_global)
         return loss
+
+    @torch.no_grad()
+    def _global_ids(self, ids: Tensor | None) -> Tensor | None:
+        """The ids of the global batch in rank order (those of ``ids`` in one process)."""
+        if ids is None or self._ddp is None or not self.training:
+            return ids
+        return distributed.all_gather(ids.to(self.queue.ids.device))
+
+    @torch.no_grad()
+    def _split_shuffled_keys(self, x_key: Tensor) -> Tensor:
+        """Keys of one process, encoded shuffled across the split-BN groups when emulating
+        shuffle-BN, so that no key shares its query's normalisation group by construction."""
+        if self.bn_splits == 1:
+            return self.encode_keys(x_key)
+        shuffle, unshuffle = shuffled_order(x_key.shape[0], x_key.device)
+        x_shuffled = x_key[shuffle].contiguous(memory_format=_memory_format(x_key))
+        return self.encode_keys(x_shuffled)[unshuffle]
 
     @torch.no_grad()
     def _keys(self, x_key: Tensor) -> tuple[Tensor, Tensor]:
@@ -298,7 +337,7 @@ class MoCo(nn.Module):
         process enqueues the same global batch and the queues stay identical.
         """
         if self._ddp is None or not self.training:
-            k = self.encode_keys(x_key)
+            k = self._split_shuffled_keys(x_key) if self.training else self.encode_keys(x_key)
             return k, k
         if self.bn == "shuffle":
             x_shuffled, unshuffle = shuffled_key_batch(x_key)

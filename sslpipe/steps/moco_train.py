@@ -55,6 +55,7 @@ from sslpipe.moco import (
 )
 from sslpipe.moco.batch_augment import BatchMoCoV2Augment, crop_transform
 from sslpipe.moco.epochs import EpochOrder, SeededItems
+from sslpipe.moco.split_bn import auto_splits
 from sslpipe.registry import (
     configure_tracking,
     download_model,
@@ -81,6 +82,20 @@ class ImageFolderDataset(Dataset[Any]):
     def __getitem__(self, index: int) -> Any:
         with Image.open(self.root / self.paths[index]) as image:
             return self.transform(image.convert("RGB"))
+
+
+class ViewsWithId(Dataset[Any]):
+    """``dataset``'s item followed by its index, the image id the queue keeps with each key
+    (:meth:`sslpipe.moco.KeyQueue.negatives_mask`)."""
+
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        return (*self.dataset[index], index)
 
 
 @dataclass
@@ -133,7 +148,25 @@ def effective_sizes(config: MocoConfig, num_images: int, world_size: int = 1) ->
     return batch, queue
 
 
-def build_model(config: MocoConfig, queue_size: int, device: torch.device | None = None) -> MoCo:
+def bn_splits(config: MocoConfig, batch: int) -> int:
+    """Split-BN groups of one process's batch (``config.bn_splits``, 0: about 32 images each)."""
+    if config.bn != "shuffle":
+        return 1
+    if config.bn_splits:
+        if batch % config.bn_splits:
+            raise ValueError(
+                f"moco.bn_splits {config.bn_splits} does not divide the batch of {batch} "
+                "images; choose a divisor of moco.batch_size, or 0 for one group per 32 images"
+            )
+        return config.bn_splits
+    return auto_splits(batch)
+
+
+def build_model(
+    config: MocoConfig, queue_size: int, device: torch.device | None = None, batch: int = 0
+) -> MoCo:
+    """The MoCo model of ``config`` with a queue of ``queue_size`` keys; ``batch`` (default
+    ``config.batch_size``) sizes the split-BN groups of one process."""
     backbone, feature_dim = build_backbone(BackboneSpec(config.backbone, config.small_stem))
     model = MoCo(
         backbone,
@@ -144,9 +177,24 @@ def build_model(config: MocoConfig, queue_size: int, device: torch.device | None
         key_momentum=config.key_momentum,
         temperature=config.temperature,
         bn=config.bn,  # type: ignore[arg-type]  # validated by MocoConfig
+        bn_splits=bn_splits(config, batch or config.batch_size),
     )
     model = model.to(memory_format=torch.channels_last)
     return model if device is None else model.to(device)
+
+
+def batch_augment(config: MocoConfig) -> BatchMoCoV2Augment:
+    """The batched part of the configured MoCo v2 recipe (the crop runs in the loader)."""
+    return BatchMoCoV2Augment(
+        config.image_size,
+        jitter_strength=config.jitter_strength,
+        jitter_p=config.jitter_p,
+        grayscale_p=config.grayscale_p,
+        blur_p=config.blur_p,
+        horizontal_flip_p=config.horizontal_flip_p,
+        vertical_flip_p=0.5 if config.vertical_flip else 0.0,
+        rotation_degrees=config.rotation_degrees,
+    )
 
 
 def _loader(
@@ -160,7 +208,7 @@ def _loader(
     """The loader of every epoch (``order.set_epoch`` before each): its workers live through
     the run instead of being forked anew every epoch (:mod:`sslpipe.moco.epochs`)."""
     return DataLoader(
-        SeededItems(dataset, order.seed),
+        SeededItems(ViewsWithId(dataset), order.seed),
         batch_size=batch,
         sampler=order,
         drop_last=True,
@@ -194,11 +242,11 @@ def _train_epoch(
     device = device or torch.device("cpu")
     model.train()
     total, steps = 0.0, 0
-    for x_query, x_key in loader:
+    for x_query, x_key, ids in loader:
         if augment is not None:
             x_query = augment(x_query.to(device, non_blocking=True))
             x_key = augment(x_key.to(device, non_blocking=True))
-        loss = model(_on(device, x_query), _on(device, x_key))
+        loss = model(_on(device, x_query), _on(device, x_key), ids.to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -402,7 +450,7 @@ def _run(
     torch.manual_seed(config.seed)
     manifest = read_csv(data_dir / "manifest.csv", required=("id", "path", "label"))
     batch, queue = effective_sizes(config, len(manifest), env.world_size)
-    model = build_model(config, queue, device)
+    model = build_model(config, queue, device, batch)
     optimizer = torch.optim.SGD(
         model.query_parameters(),
         lr=config.lr,
@@ -421,13 +469,11 @@ def _run(
 
     # MoCo v2's augmentations in two parts: the random crop per image in the DataLoader
     # workers (small uint8 crops), the photometric ops and flips batched on the device.
-    augment = BatchMoCoV2Augment(
-        config.image_size,
-        vertical_flip_p=0.5 if config.vertical_flip else 0.0,
-        rotation_degrees=config.rotation_degrees,
-    )
+    augment = batch_augment(config)
     train_set = ImageFolderDataset(
-        data_dir, list(manifest["path"]), TwoCropsTransform(crop_transform(config.image_size))
+        data_dir,
+        list(manifest["path"]),
+        TwoCropsTransform(crop_transform(config.image_size, min_scale=config.crop_min_scale)),
     )
     labelled = manifest[manifest["label"] != ""]
     classes = sorted(set(labelled["label"]))

@@ -50,6 +50,8 @@ def main(out: Path) -> None:
         rank, world = distributed.rank(), distributed.world_size()
         for bn in BN_MODES:
             model = tiny_moco(bn, queue_size=4 * BATCH * world)
+            # A queue full of keys of other images, so that every slot is a negative.
+            model.queue.ids.copy_(torch.arange(model.queue.size) + 10_000)
             if rank > 0:  # distribute() must make rank 0's weights and queue everyone's
                 with torch.no_grad():
                     model.backbone.conv1.weight.add_(1.0)

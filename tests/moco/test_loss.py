@@ -91,3 +91,26 @@ def test_queue_of_the_wrong_width_is_rejected() -> None:
     q, k, _ = _inputs(d=4)
     with pytest.raises(ValueError, match=r"queue must have shape \(K, 4\)"):
         moco_logits(q, k, torch.randn(7, 3, dtype=torch.float64), 0.2)
+
+
+def test_masked_negatives_take_no_part_in_the_loss() -> None:
+    torch.manual_seed(0)
+    q, k, queue = torch.randn(3, 8), torch.randn(3, 8), F.normalize(torch.randn(5, 8), dim=1)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[0, 1] = mask[2, 4] = True
+    masked = InfoNCELoss(temperature=0.2)(q, k, queue, mask)
+    rows = [
+        InfoNCELoss(temperature=0.2)(q[i : i + 1], k[i : i + 1], queue[~mask[i]]) for i in range(3)
+    ]
+    torch.testing.assert_close(masked, torch.stack(rows).mean())
+
+
+def test_a_query_with_every_negative_masked_has_zero_loss() -> None:
+    q, k, queue = torch.randn(2, 4), torch.randn(2, 4), torch.randn(3, 4)
+    loss = InfoNCELoss()(q, k, queue, torch.ones(1, 3, dtype=torch.bool))
+    assert float(loss) == 0.0
+
+
+def test_a_mask_of_the_wrong_shape_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"mask must be bool of shape \(N, 3\)"):
+        moco_logits(torch.randn(2, 4), torch.randn(2, 4), torch.randn(3, 4), 0.2, torch.ones(2, 4))

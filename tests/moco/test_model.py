@@ -35,6 +35,12 @@ def _tiny_moco(**kwargs: float) -> MoCo:
     return MoCo(_tiny_backbone(), 32, **options)
 
 
+def _queue_of_other_images(model: MoCo) -> MoCo:
+    """Mark every queue slot as a key of some other image, so that all are negatives."""
+    model.queue.ids.copy_(torch.arange(model.queue.size) + 10_000)
+    return model
+
+
 def _query_params(model: MoCo) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.query_parameters()]
 
@@ -118,7 +124,7 @@ def test_default_hyperparameters_follow_small_data_moco_v2_practice() -> None:
 
 def test_a_training_step_changes_the_query_encoder_and_moves_the_key_encoder_by_momentum() -> None:
     torch.manual_seed(0)
-    model = _tiny_moco(key_momentum=0.9)
+    model = _queue_of_other_images(_tiny_moco(key_momentum=0.9))
     # Make the encoders differ, so the momentum update is visible.
     with torch.no_grad():
         for p in model.query_parameters():
@@ -155,7 +161,7 @@ def test_the_queue_receives_the_normalised_keys_of_the_batch() -> None:
 
 def test_the_loss_uses_the_queue_as_it_was_before_the_batch_was_enqueued() -> None:
     torch.manual_seed(0)
-    model = _tiny_moco(queue_size=8)
+    model = _queue_of_other_images(_tiny_moco(queue_size=8))
     x_query, x_key = torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16)
     negatives_before = model.queue.keys.clone()
     loss = model(x_query, x_key)
@@ -223,6 +229,38 @@ def test_the_loss_falls_on_a_tiny_dataset_within_a_few_dozen_steps() -> None:
     early, late = np.mean(losses[2:4]), np.mean(losses[-8:])
     assert early > 2.5, losses
     assert late < 0.5 * early, losses
+
+
+def test_the_first_step_has_no_negatives_so_random_queue_slots_cannot_steer_training() -> None:
+    torch.manual_seed(0)
+    model = _tiny_moco()
+    loss = model(torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16), torch.arange(8))
+    assert float(loss.detach()) == 0.0
+    assert model.queue.filled == 8
+
+
+def test_an_images_own_earlier_keys_are_not_among_its_negatives() -> None:
+    torch.manual_seed(0)
+    model = _tiny_moco(queue_size=16)
+    model(torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16), torch.arange(8))  # images 0-7
+    model(torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16), torch.arange(8, 16))  # 8-15
+    negatives, ids = model.queue.keys.clone(), torch.tensor([3, 12, 20, 21])
+    x_query, x_key = torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16)
+    model.eval()  # the same encoders for the step and the check below
+    with torch.no_grad():
+        loss = model(x_query, x_key, ids)
+        q, k = model.encode_queries(x_query), model.encode_keys(x_key)
+    others = [model.criterion(q[i : i + 1], k[i : i + 1], negatives) for i in (2, 3)]
+    own = [
+        model.criterion(q[i : i + 1], k[i : i + 1], negatives[torch.arange(16) != j])
+        for i, j in ((0, 3), (1, 12))
+    ]
+    torch.testing.assert_close(loss, torch.stack(own + others).mean())
+
+
+def test_ids_of_another_length_than_the_batch_are_rejected() -> None:
+    with pytest.raises(ValueError, match=r"ids must have shape \(4,\)"):
+        _tiny_moco()(torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16), torch.arange(3))
 
 
 def _train_three_steps(seed: int) -> dict[str, torch.Tensor]:

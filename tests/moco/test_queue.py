@@ -88,10 +88,11 @@ def test_keys_and_pointer_survive_a_state_dict_round_trip() -> None:
     queue = KeyQueue(6, 3)
     queue.enqueue(_rows(100, 4))
     state = queue.state_dict()
-    assert set(state) == {"keys", "ptr"}
+    assert set(state) == {"keys", "ptr", "ids"}
     restored = KeyQueue(6, 3)
     restored.load_state_dict(state)
     assert torch.equal(restored.keys, queue.keys)
+    assert torch.equal(restored.ids, queue.ids)
     assert int(restored.ptr) == 4
     # The restored queue continues exactly where the original left off.
     queue.enqueue(_rows(200, 3))
@@ -104,3 +105,46 @@ def test_keys_and_pointer_survive_a_state_dict_round_trip() -> None:
 def test_non_positive_size_or_dim_is_rejected(size: int, dim: int) -> None:
     with pytest.raises(ValueError, match="must be a positive int"):
         KeyQueue(size, dim)
+
+
+# --- image ids and the negatives mask -----------------------------------------------------
+
+
+def test_a_new_queue_has_no_real_keys_so_every_slot_is_masked_out_of_the_negatives() -> None:
+    queue = KeyQueue(5, 3)
+    assert queue.filled == 0
+    assert queue.negatives_mask().tolist() == [[True] * 5]
+    assert queue.negatives_mask(torch.tensor([7, 8])).all()
+
+
+def test_enqueue_keeps_the_image_id_of_every_key_and_wraps_like_the_keys() -> None:
+    queue = KeyQueue(5, 3)
+    queue.enqueue(_rows(0, 3), torch.tensor([10, 11, 12]))
+    queue.enqueue(_rows(3, 3), torch.tensor([13, 14, 15]))  # 3, 4 then wraps to 0
+    assert queue.ids.tolist() == [15, 11, 12, 13, 14]
+    assert queue.filled == 5
+
+
+def test_a_querys_own_image_keys_and_empty_slots_are_masked_and_nothing_else() -> None:
+    queue = KeyQueue(4, 3)
+    queue.enqueue(_rows(0, 3), torch.tensor([10, 11, 10]))  # image 10 twice, slot 3 empty
+    mask = queue.negatives_mask(torch.tensor([10, 11, 99]))
+    assert mask.tolist() == [
+        [True, False, True, True],
+        [False, True, False, True],
+        [False, False, False, True],
+    ]
+
+
+def test_keys_enqueued_without_ids_are_negatives_of_every_query() -> None:
+    queue = KeyQueue(3, 3)
+    queue.enqueue(_rows(0, 3))
+    assert not queue.negatives_mask(torch.tensor([0, 1, 2])).any()
+
+
+@pytest.mark.parametrize(
+    "ids", [torch.tensor([1, 2]), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, -1, 2])]
+)
+def test_ids_that_are_not_one_non_negative_integer_per_key_are_rejected(ids: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="3 image ids >= 0, one per key"):
+        KeyQueue(4, 3).enqueue(_rows(0, 3), ids)
