@@ -52,6 +52,57 @@ SGD_MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 FEATURE_DIM = 512  # resnet18
 
+RECIPE_FIELDS = (
+    "lr",
+    "weight_decay",
+    "temperature",
+    "key_momentum",
+    "crop_min_scale",
+    "jitter_strength",
+    "jitter_p",
+    "grayscale_p",
+    "blur_p",
+    "horizontal_flip_p",
+    "sgd_momentum",
+    "projection_dim",
+    "projection_hidden_dim",
+)
+"""The MoCo v2 recipe both trainers take (``sslpipe.config.MocoConfig`` field names); the
+queue, batch, epochs, image size and network are the budget, passed on their own."""
+
+ROW2_RECIPE: dict[str, float] = {
+    "lr": LR,
+    "weight_decay": WEIGHT_DECAY,
+    "temperature": TEMPERATURE,
+    "key_momentum": KEY_MOMENTUM,
+    # MoCo v2's augmentations: ColorJitter(0.4, 0.4, 0.4, 0.1) at p=0.8, grayscale 0.2, blur
+    # sigma (0.1, 2) at p=0.5, crop scale (0.2, 1), horizontal flip.
+    "crop_min_scale": 0.2,
+    "jitter_strength": 0.4,
+    "jitter_p": 0.8,
+    "grayscale_p": 0.2,
+    "blur_p": 0.5,
+    "horizontal_flip_p": 0.5,
+    "sgd_momentum": SGD_MOMENTUM,
+    "projection_dim": HEAD_OUT,
+    "projection_hidden_dim": HEAD_HIDDEN,
+}
+"""Row 2's recipe, fixed here so that its throughput comparison does not move with the
+project's defaults (row 3 reads its recipe from ``MocoConfig()`` instead)."""
+
+
+def _recipe(recipe: dict[str, float] | None) -> dict[str, float]:
+    """``recipe`` (default :data:`ROW2_RECIPE`), checked to hold exactly :data:`RECIPE_FIELDS`."""
+    chosen = dict(ROW2_RECIPE if recipe is None else recipe)
+    missing, unknown = set(RECIPE_FIELDS) - set(chosen), set(chosen) - set(RECIPE_FIELDS)
+    if missing or unknown:
+        raise ValueError(
+            f"a MoCo recipe needs exactly the fields {RECIPE_FIELDS}; missing "
+            f"{sorted(missing)}, unknown {sorted(unknown)}"
+        )
+    return chosen
+
+
 QUICK = {"images": 96, "batch": 32, "queue": 64, "epochs": 3, "repeats": 2, "workers": 1}
 FULL = {"images": 256, "batch": 64, "queue": 128, "epochs": 4, "repeats": 3, "workers": 1}
 IMAGE_SIZE = 112
@@ -107,8 +158,15 @@ def project_moco_train(
     workers: int,
     small_stem: bool = False,
     seed: int = 0,
+    recipe: dict[str, float] | None = None,
+    on_epoch: Callable[[int, Any], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the project's moco_train step; returns epoch seconds, images per epoch, backbone dir."""
+    """Run the project's moco_train step; returns epoch seconds, images per epoch, backbone dir.
+
+    ``recipe``: the MoCo v2 hyperparameters (:data:`RECIPE_FIELDS`; default :data:`ROW2_RECIPE`);
+    the seed's extra augmentations (vertical flip, rotation) stay off, as on lightly's side.
+    ``on_epoch(epoch, backbone)`` goes to ``run_moco_train`` (after every epoch, 1, 2, ...).
+    """
     # A tracking store of the run's own, never the user's.
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     os.environ["MLFLOW_EXPERIMENT_NAME"] = "bench"
@@ -135,16 +193,12 @@ def project_moco_train(
         image_size=image_size,
         epochs=epochs,
         batch_size=batch,
-        lr=LR,
-        sgd_momentum=SGD_MOMENTUM,
-        weight_decay=WEIGHT_DECAY,
         queue_size=queue,
-        key_momentum=KEY_MOMENTUM,
-        temperature=TEMPERATURE,
-        projection_dim=HEAD_OUT,
-        projection_hidden_dim=HEAD_HIDDEN,
+        vertical_flip=False,
+        rotation_degrees=0.0,
         num_workers=workers,
         seed=seed,
+        **_recipe(recipe),
     )
     started = time.perf_counter()
     try:
@@ -155,6 +209,7 @@ def project_moco_train(
             config=config,
             resume=False,
             register=False,
+            on_epoch=on_epoch,
         )
     finally:
         logging.getLogger("sslpipe.moco_train").removeHandler(handler)
@@ -178,6 +233,32 @@ def lightly_backbone(small_stem: bool) -> Any:
     return nn.Sequential(*list(resnet.children())[:-1])
 
 
+def lightly_transform(image_size: int, recipe: dict[str, float] | None = None) -> Any:
+    """lightly's ``MoCoV2Transform`` with the recipe's augmentations (:data:`RECIPE_FIELDS`):
+    colour jitter of brightness, contrast and saturation at the jitter strength and of hue at a
+    quarter of it, blur sigma (0.1, 2), no vertical flip or rotation."""
+    from lightly.transforms import MoCoV2Transform
+
+    r = _recipe(recipe)
+    strength = r["jitter_strength"]
+    return MoCoV2Transform(
+        input_size=image_size,
+        cj_prob=r["jitter_p"],
+        cj_strength=1.0,
+        cj_bright=strength,
+        cj_contrast=strength,
+        cj_sat=strength,
+        cj_hue=strength / 4,
+        min_scale=r["crop_min_scale"],
+        random_gray_scale=r["grayscale_p"],
+        gaussian_blur=r["blur_p"],
+        sigmas=(0.1, 2.0),
+        hf_prob=r["horizontal_flip_p"],
+        vf_prob=0.0,
+        rr_prob=0.0,
+    )
+
+
 def lightly_moco_train(
     images_dir: Path,
     *,
@@ -189,21 +270,31 @@ def lightly_moco_train(
     small_stem: bool = False,
     seed: int = 0,
     on_epoch: Callable[[int, Any], None] | None = None,
+    recipe: dict[str, float] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """lightly's MoCo v2 in the plain PyTorch loop of its examples; returns rates and backbone."""
+    """lightly's MoCo v2 in the plain PyTorch loop of its examples; returns rates and backbone.
+
+    ``recipe``: the MoCo v2 hyperparameters (:data:`RECIPE_FIELDS`, the project's names;
+    default :data:`ROW2_RECIPE`), mapped onto ``MoCoV2Transform``, ``MoCoProjectionHead``,
+    ``NTXentLoss``, ``update_momentum`` and SGD. ``on_epoch(epoch, backbone)`` is called with
+    the random initialisation (epoch 0) and after every epoch.
+    """
     import torch
     from lightly.data import LightlyDataset
     from lightly.loss import NTXentLoss
     from lightly.models.modules import MoCoProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
-    from lightly.transforms import MoCoV2Transform
     from torch import nn
+
+    r = _recipe(recipe)
+    hidden, out = int(r["projection_hidden_dim"]), int(r["projection_dim"])
 
     class MoCo(nn.Module):
         def __init__(self, backbone: nn.Module) -> None:
             super().__init__()
             self.backbone = backbone
-            self.projection_head = MoCoProjectionHead(FEATURE_DIM, HEAD_HIDDEN, HEAD_OUT)
+            self.projection_head = MoCoProjectionHead(FEATURE_DIM, hidden, out)
             self.backbone_momentum = copy.deepcopy(self.backbone)
             self.projection_head_momentum = copy.deepcopy(self.projection_head)
             deactivate_requires_grad(self.backbone_momentum)
@@ -218,32 +309,16 @@ def lightly_moco_train(
 
     started = time.perf_counter()
     torch.manual_seed(seed)
-    model = MoCo(lightly_backbone(small_stem))
-    # MoCo v2's augmentations with the project's defaults: ColorJitter(0.4, 0.4, 0.4, 0.1) at
-    # p=0.8, grayscale 0.2, blur sigma (0.1, 2) at p=0.5, crop scale (0.2, 1), horizontal flip.
-    transform = MoCoV2Transform(
-        input_size=image_size,
-        cj_prob=0.8,
-        cj_strength=1.0,
-        cj_bright=0.4,
-        cj_contrast=0.4,
-        cj_sat=0.4,
-        cj_hue=0.1,
-        min_scale=0.2,
-        random_gray_scale=0.2,
-        gaussian_blur=0.5,
-        sigmas=(0.1, 2.0),
-        hf_prob=0.5,
-        vf_prob=0.0,
-        rr_prob=0.0,
-    )
+    model = MoCo(lightly_backbone(small_stem)).to(device)
+    transform = lightly_transform(image_size, r)
     dataset = LightlyDataset(input_dir=str(images_dir), transform=transform)
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers
     )
-    criterion = NTXentLoss(temperature=TEMPERATURE, memory_bank_size=(queue, HEAD_OUT))
+    criterion = NTXentLoss(temperature=r["temperature"], memory_bank_size=(queue, out)).to(device)
+    lr, key_momentum = r["lr"], r["key_momentum"]
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=LR, momentum=SGD_MOMENTUM, weight_decay=WEIGHT_DECAY
+        model.parameters(), lr=lr, momentum=r["sgd_momentum"], weight_decay=r["weight_decay"]
     )
     rates: list[float] = []
     cpu_marks = [_cpu_seconds()]
@@ -251,13 +326,13 @@ def lightly_moco_train(
         on_epoch(0, model.backbone)  # random init, like the project's epoch-0 kNN monitor
     for epoch in range(epochs):
         for group in optimizer.param_groups:
-            group["lr"] = LR * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+            group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
         model.train()
         epoch_started, images = time.perf_counter(), 0
         for batch_views, _, _ in dataloader:
-            x_query, x_key = batch_views
-            update_momentum(model.backbone, model.backbone_momentum, m=KEY_MOMENTUM)
-            update_momentum(model.projection_head, model.projection_head_momentum, m=KEY_MOMENTUM)
+            x_query, x_key = (x.to(device, non_blocking=True) for x in batch_views)
+            update_momentum(model.backbone, model.backbone_momentum, m=key_momentum)
+            update_momentum(model.projection_head, model.projection_head_momentum, m=key_momentum)
             query = model(x_query)
             key = model.forward_momentum(x_key)
             loss = criterion(query, key)
@@ -283,6 +358,7 @@ def lightly_moco_train(
 def _child(args: argparse.Namespace) -> None:
     settings = json.loads(args.settings)
     data_dir, work = Path(settings["data_dir"]), Path(settings["work"])
+    seed = settings.get("seed", 0)
     common = {
         "image_size": settings["image_size"],
         "batch": settings["batch"],
@@ -290,24 +366,31 @@ def _child(args: argparse.Namespace) -> None:
         "epochs": settings["epochs"],
         "workers": settings["workers"],
         "small_stem": settings.get("small_stem", False),
+        "seed": seed,
+        "recipe": settings.get("recipe"),  # None: row 2's
     }
-    curve: list[float] = []
+    evaluator = None
+    if settings.get("evaluate"):  # row 3: kNN and linear probe per epoch, computed in here
+        from benchmarks.bench_quality import Evaluator
+
+        evaluator = Evaluator(
+            data_dir,
+            settings["image_size"],
+            epochs=settings["epochs"],
+            every=settings.get("eval_every", 1),
+        )
     cpu0 = _cpu_seconds()
     if args.child == "project":
-        result = project_moco_train(data_dir, work, **common)
+        if evaluator is not None:  # epoch 0: the network moco_train starts from
+            evaluator.random_init(small_stem=common["small_stem"], seed=seed)
+        result = project_moco_train(data_dir, work, **common, on_epoch=evaluator)
     else:
-        on_epoch = None
-        if settings.get("curve"):  # row 3: the kNN monitor the project runs, for lightly
-            from benchmarks.bench_quality import loo_knn_of
-
-            def on_epoch(epoch: int, backbone: Any) -> None:
-                curve.append(loo_knn_of(backbone, data_dir, settings["image_size"]))
-
-        result = lightly_moco_train(data_dir / "images", **common, on_epoch=on_epoch)
-        if settings.get("save_backbone"):
-            import torch
-
-            torch.save(result["backbone"].state_dict(), work / "lightly_backbone.pt")
+        result = lightly_moco_train(
+            data_dir / "images",
+            **common,
+            on_epoch=evaluator,
+            device=settings.get("device", "cpu"),
+        )
     cpu = _cpu_seconds() - cpu0
     images = settings["epochs"] * (settings["images"] // settings["batch"]) * settings["batch"]
     out = {
@@ -317,7 +400,8 @@ def _child(args: argparse.Namespace) -> None:
         "images": images,
         "cpu_s": cpu,
         "threads": __import__("torch").get_num_threads(),
-        "curve": curve,
+        "curve": [] if evaluator is None else evaluator.curve,
+        "eval_s": 0.0 if evaluator is None else evaluator.seconds,
         "model_dir": result.get("model_dir"),
     }
     Path(args.out).write_text(json.dumps(out))

@@ -1,8 +1,10 @@
 """The classifier pipeline, and the full pipeline (moco, then classifier on its backbone).
 
 classifier: connect_db (labelled) -> data_prep -> classifier_train -> evaluate
-full:       moco's three steps, then the classifier on the new backbone, and the supervised
-            baseline (same network, random init) evaluated beside it in one report.
+full:       moco's three steps, then the classifier on the new backbone, evaluated beside two
+            baselines in one report: the seed's (same network, random init, frozen, head only;
+            nodes ``baseline_*``) and a stronger one (same network trained from scratch with
+            the labels, two-stage; nodes ``scratch_*``). Neither baseline is registered.
 """
 
 # No `from __future__ import annotations`: azure-ai-ml's dsl reads the real annotation types.
@@ -14,6 +16,7 @@ from azure.ai.ml.entities import PipelineJob
 from pipelines.steps import (
     baseline_classifier,
     moco_training,
+    scratch_classifier,
     select_and_prepare,
     train_and_evaluate,
 )
@@ -58,9 +61,9 @@ def build(config: PipelineConfig) -> PipelineJob:
 
 
 def build_full(config: PipelineConfig) -> PipelineJob:
-    """moco, then the classifier on the new backbone beside the supervised baseline."""
+    """moco, then the classifier on the new backbone beside the two supervised baselines."""
 
-    @dsl.pipeline(None, name="full", description="MoCo pre-training, classifier and baseline")
+    @dsl.pipeline(None, name="full", description="MoCo pre-training, classifier and two baselines")
     def full_pipeline(
         metadata_uri: str, blob_uri: str, image_filter: str, labelled_filter: str
     ) -> dict[str, Any]:
@@ -87,12 +90,22 @@ def build_full(config: PipelineConfig) -> PipelineJob:
             register=False,
             prefix="baseline_",
         )
+        scratch = train_and_evaluate(
+            config,
+            data=labelled.outputs.data,
+            classifier=scratch_classifier(config),
+            register=False,
+            prefix="scratch_",
+        )
         evaluate = train_and_evaluate(
             config,
             data=labelled.outputs.data,
             classifier=config.classifier,
             backbone_model=moco_train.outputs.model,
-            baseline_report=baseline.outputs.report,
+            baselines={
+                "baseline": baseline.outputs.report,
+                "baseline_scratch": scratch.outputs.report,
+            },
         )
         return {"backbone": moco_train.outputs.model, "report": evaluate.outputs.report}
 

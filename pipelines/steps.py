@@ -12,6 +12,10 @@ from azure.ai.ml.entities import JobResourceConfiguration
 from pipelines.components import component
 from sslpipe.config import ClassifierConfig, PipelineConfig
 
+BASELINE_INPUTS = ("baseline", "baseline_scratch")
+"""evaluate's optional inputs for the baselines' reports: the seed's (random init, frozen,
+head only) and the one trained from scratch (two-stage)."""
+
 
 def _named(node: Any, name: str) -> Any:
     node.name = name
@@ -82,15 +86,20 @@ def train_and_evaluate(
     data: Any,
     classifier: ClassifierConfig,
     backbone_model: Any = None,
-    baseline_report: Any = None,
+    baselines: dict[str, Any] | None = None,
     register: bool = True,
     prefix: str = "",
 ) -> Any:
     """classifier_train -> evaluate; returns the evaluate node (its output ``report``).
 
     classifier_train runs ``classifier.processes_per_node`` processes on each of
-    ``classifier.nodes`` machines.
+    ``classifier.nodes`` machines. ``baselines`` binds evaluate's baseline inputs
+    (``baseline``, ``baseline_scratch``) to other evaluate nodes' ``report`` outputs.
     """
+    baselines = baselines or {}
+    unknown = sorted(set(baselines) - set(BASELINE_INPUTS))
+    if unknown:
+        raise ValueError(f"evaluate has no baseline input {unknown[0]!r}; it has {BASELINE_INPUTS}")
     inputs = classifier.model_dump(mode="json")
     if register:  # the guard compares with the model evaluate registers; a baseline trains
         inputs |= {
@@ -107,8 +116,7 @@ def train_and_evaluate(
         "model_name": config.evaluate.model_name,
         "register": register,
     }
-    if baseline_report is not None:
-        evaluation["baseline"] = baseline_report
+    evaluation |= {name: report for name, report in baselines.items() if report is not None}
     evaluate = component("evaluate")(model=train.outputs.model, data=data, **evaluation)
     return _named(evaluate, f"{prefix}evaluate")
 
@@ -128,9 +136,22 @@ def moco_training(config: PipelineConfig, *, data: Any) -> Any:
     return _named(node, "moco_train")
 
 
-def baseline_classifier(config: PipelineConfig) -> ClassifierConfig:
-    """The supervised baseline: the same network, randomly initialised, no pre-training."""
+def _random_init_backbone(config: PipelineConfig) -> str:
+    """``torchvision:<moco backbone>[:small]``: moco's network, randomly initialised."""
     stem = ":small" if config.moco.small_stem else ""
+    return f"torchvision:{config.moco.backbone}{stem}"
+
+
+def baseline_classifier(config: PipelineConfig) -> ClassifierConfig:
+    """The seed's baseline: the same network, randomly initialised and frozen, head only."""
     return config.classifier.model_copy(
-        update={"backbone": f"torchvision:{config.moco.backbone}{stem}"}
+        update={"backbone": _random_init_backbone(config), "mode": "head"}
+    )
+
+
+def scratch_classifier(config: PipelineConfig) -> ClassifierConfig:
+    """The stronger baseline: the same network trained from scratch with the labels, two-stage
+    (the head on the random-init backbone, then the whole network fine-tuned)."""
+    return config.classifier.model_copy(
+        update={"backbone": _random_init_backbone(config), "mode": "two_stage"}
     )

@@ -17,7 +17,9 @@ from azure.ai.ml.entities import PipelineJob
 
 from sslpipe.config import ConfigError, PipelineConfig
 
-GPU_STEPS = frozenset({"moco_train", "classifier_train", "baseline_classifier_train"})
+GPU_STEPS = frozenset(
+    {"moco_train", "classifier_train", "baseline_classifier_train", "scratch_classifier_train"}
+)
 
 # (config field, environment variable it falls back to)
 WORKSPACE_SETTINGS = {

@@ -24,7 +24,7 @@ examples:
   python execute.py --pipeline moco --set moco.epochs=10 --set filter.limit=500
   python execute.py --pipeline classifier --set classifier.backbone=moco-backbone@latest
   python execute.py --pipeline classifier --set classifier.backbone=torchvision:resnet18
-  python execute.py --pipeline full                     # moco, classifier and baseline
+  python execute.py --pipeline full                     # moco, classifier, two baselines
   python execute.py --pipeline moco --config my.yaml --dry-run
   python execute.py --pipeline moco --resume            # continue the last failed run
   python execute.py --pipeline full --backend azureml --dry-run \
@@ -314,6 +314,7 @@ def _print_summary(config: PipelineConfig, record: Any) -> None:
             skipped = Path(path) / "skipped.json"
             if skipped.is_file():
                 _echo(f"[sslpipe] {name} skipped training: {read_json(skipped)['reason']}")
+            _print_knn_gain(name, Path(path) / "metrics.json")
             report = Path(path) / "report.md"
             if report.is_file():
                 _echo(f"[sslpipe] report: {report}")
@@ -325,6 +326,20 @@ def _print_summary(config: PipelineConfig, record: Any) -> None:
                     f"[sslpipe] registered model {info['name']} version {info['version']}{alias}: "
                     f"{info['uri']} (tracking: {config.tracking_uri})"
                 )
+
+
+def _print_knn_gain(step: str, metrics_file: Path) -> None:
+    """What pre-training bought, from moco_train's kNN monitor (epoch 0 is random init)."""
+    if not metrics_file.is_file():
+        return
+    knn = read_json(metrics_file).get("knn_top1") or []
+    if len(knn) < 2:
+        return
+    verdict = "better than" if knn[-1] > knn[0] else "NOT better than"
+    _echo(
+        f"[sslpipe] {step}: kNN top-1 on the labelled images: random init {knn[0]:.3f}, "
+        f"after pre-training {knn[-1]:.3f} ({knn[-1] - knn[0]:+.3f}, {verdict} random init)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

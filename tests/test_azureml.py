@@ -38,13 +38,20 @@ CPU_STEPS = {
         "data_prep_labelled",
         "evaluate",
         "baseline_evaluate",
+        "scratch_evaluate",
     },
 }
 GPU_STEPS = {
     "moco": {"moco_train"},
     "classifier": {"classifier_train"},
-    "full": {"moco_train", "classifier_train", "baseline_classifier_train"},
+    "full": {
+        "moco_train",
+        "classifier_train",
+        "baseline_classifier_train",
+        "scratch_classifier_train",
+    },
 }
+BASELINE_TRAINING = ["baseline_classifier_train", "scratch_classifier_train"]
 
 
 def azure_config(tmp_path: Path, *extra: str) -> PipelineConfig:
@@ -107,9 +114,21 @@ def test_dry_run_yaml_round_trips_with_computes_and_literal_inputs(
     if "classifier_train" in jobs:
         assert str(jobs["classifier_train"]["inputs"]["epochs"]) == "11"
     if name == "full":
-        backbone = str(jobs["baseline_classifier_train"]["inputs"]["backbone"])
-        assert backbone.startswith("torchvision:")
+        for step, mode in zip(BASELINE_TRAINING, ("head", "two_stage"), strict=True):
+            inputs = jobs[step]["inputs"]
+            assert str(inputs["backbone"]).startswith("torchvision:"), step
+            assert inputs["mode"] == mode, step
+            assert "backbone_model" not in inputs, step
         assert "backbone_model" in jobs["classifier_train"]["inputs"]
+        evaluate = jobs["evaluate"]["inputs"]
+        assert evaluate["baseline"] == {"path": "${{parent.jobs.baseline_evaluate.outputs.report}}"}
+        assert evaluate["baseline_scratch"] == {
+            "path": "${{parent.jobs.scratch_evaluate.outputs.report}}"
+        }
+        assert jobs["evaluate"]["inputs"]["register"]  # azure-ai-ml writes booleans as 1 / 0
+        for step in ("baseline_evaluate", "scratch_evaluate"):  # neither is registered
+            assert not jobs[step]["inputs"]["register"], step
+            assert not {"baseline", "baseline_scratch"} & set(jobs[step]["inputs"]), step
 
 
 @pytest.mark.parametrize("name", ["moco", "full"])
@@ -137,7 +156,7 @@ def test_moco_train_runs_data_parallel_on_the_configured_nodes_and_processes(
 def test_classifier_train_runs_data_parallel_on_the_configured_nodes_and_processes(
     dumped: dict[str, tuple[Path, dict[str, Any]]], tmp_path: Path, name: str
 ) -> None:
-    trained = ["classifier_train"] + (["baseline_classifier_train"] if name == "full" else [])
+    trained = ["classifier_train"] + (BASELINE_TRAINING if name == "full" else [])
     for step_name in trained:  # one process on one machine unless configured
         default = dumped[name][1]["jobs"][step_name]
         assert default["distribution"] == {"type": "pytorch", "process_count_per_instance": 1}
@@ -151,7 +170,7 @@ def test_classifier_train_runs_data_parallel_on_the_configured_nodes_and_process
     jobs = yaml.safe_load(path.read_text(encoding="utf-8"))["jobs"]
     reloaded = load_job(path)
     assert isinstance(reloaded, PipelineJob)
-    for step_name in trained:  # the baseline trains like the classifier it is compared with
+    for step_name in trained:  # the baselines train like the classifier they are compared with
         step = jobs[step_name]
         assert step["distribution"] == {"type": "pytorch", "process_count_per_instance": 4}
         assert step["resources"]["instance_count"] == 2

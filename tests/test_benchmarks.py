@@ -154,3 +154,130 @@ def test_python_filter_agrees_with_the_naive_sql() -> None:
         by_sql = [json.loads(text)["id"] for (text,) in db.execute(sql, params)]
         by_python = sorted(d["id"] for d in docs if python_match(d, spec))
         assert by_sql == by_python and by_sql
+
+
+# --- row 3: representation quality (the gates, without training)
+
+
+def _curve(*knn: float, probe: float = 0.5) -> list[dict[str, float]]:
+    """A synthetic per-epoch curve; epoch 0 is the random initialisation."""
+    return [{"epoch": e, "knn": v, "probe": probe} for e, v in enumerate(knn)]
+
+
+PIXELS = {"knn": 0.9, "probe": 0.85}
+
+
+def _quality(project: list[dict[str, float]], lightly: list[dict[str, float]]) -> dict[str, Any]:
+    from benchmarks.bench_quality import quality_row
+
+    return common.check_row(
+        quality_row("3. quality", project, lightly, PIXELS, setup="Settings: test", walls="w")
+    )
+
+
+def test_quality_row_not_met_when_neither_side_learns() -> None:
+    item = _quality(_curve(0.80, 0.78, 0.79), _curve(0.82, 0.75, 0.70))
+    assert item["met"] is False
+    assert "neither side beats its random init" in item["notes"]
+
+
+def test_quality_row_not_met_when_only_lightly_learns() -> None:
+    item = _quality(_curve(0.80, 0.80, 0.79), _curve(0.78, 0.85, 0.90))
+    assert item["met"] is False
+    assert "lightly beats its random init and the project does not" in item["notes"]
+
+
+def test_quality_row_not_met_when_the_project_learns_but_trails_lightly() -> None:
+    item = _quality(_curve(0.80, 0.82, 0.85), _curve(0.78, 0.85, 0.90))
+    assert item["met"] is False and "trails lightly" in item["notes"]
+
+
+def test_quality_row_met_when_the_project_learns_and_keeps_up_with_lightly() -> None:
+    item = _quality(_curve(0.80, 0.84, 0.885), _curve(0.78, 0.85, 0.90))
+    assert item["met"] is True
+    assert item["project"] == pytest.approx(0.885) and item["baseline"] == pytest.approx(0.90)
+    # The notes carry both curves (kNN and probe), random init, raw pixels and the settings.
+    notes = item["notes"]
+    assert "[0: 0.800, 1: 0.840, 2: 0.885]" in notes and "[0: 0.780, 1: 0.850, 2: 0.900]" in notes
+    assert "linear probe per epoch" in notes and "raw pixels: kNN 0.9000, probe 0.8500" in notes
+    assert "random init of the project's network: kNN 0.8000" in notes
+    assert "Settings: test" in notes
+
+
+def test_quality_row_met_when_the_project_learns_and_lightly_does_not() -> None:
+    item = _quality(_curve(0.80, 0.81), _curve(0.82, 0.80))
+    assert item["met"] is True and "lightly does not beat its random init" in item["notes"]
+
+
+def test_gpu_quality_row_needs_a_margin_over_random_init_and_pixels() -> None:
+    from benchmarks.bench_quality import gpu_quality_row
+
+    def met(*knn: float) -> bool | None:
+        return common.check_row(gpu_quality_row(_curve(*knn), PIXELS, setup="s"))["met"]
+
+    assert met(0.80, 0.92) is True
+    assert met(0.80, 0.84) is False  # learns, but by less than 0.05 (and below pixels)
+    assert met(0.88, 0.89) is False  # above pixels but not 0.05 above random init
+    assert met(0.60, 0.70) is False  # 0.1 above random init but below raw pixels
+
+
+def test_gpu_row_without_cuda_is_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from benchmarks.bench_quality import gpu_row
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    item = common.check_row(gpu_row(quick=True, recipe={}))
+    assert (
+        item["met"] is None
+        and item["notes"] == "not run: no GPU (torch.cuda.is_available() is False)"
+    )
+
+
+def test_quality_recipe_is_read_from_moco_config() -> None:
+    from benchmarks.bench_moco import RECIPE_FIELDS
+    from benchmarks.bench_quality import moco_recipe
+    from sslpipe.config import MocoConfig
+
+    recipe = moco_recipe()
+    assert tuple(recipe) == RECIPE_FIELDS
+    assert recipe == {field: getattr(MocoConfig(), field) for field in RECIPE_FIELDS}
+
+
+def test_lightly_transform_follows_the_recipe() -> None:
+    pytest.importorskip("lightly")
+    from benchmarks.bench_moco import ROW2_RECIPE, lightly_transform
+
+    recipe = {**ROW2_RECIPE, "jitter_strength": 0.8, "jitter_p": 0.7, "crop_min_scale": 0.3}
+    # lightly builds its views from torchvision.transforms or .v2: find the steps by name.
+    steps = {
+        type(s).__name__: s
+        for s in lightly_transform(16, recipe).transforms[0].transform.transforms
+    }
+    assert steps["RandomResizedCrop"].scale == (0.3, 1.0)
+    assert steps["RandomHorizontalFlip"].p == 0.5 and steps["RandomVerticalFlip"].p == 0.0
+    assert steps["RandomGrayscale"].p == 0.2
+    jitter_p = steps["RandomApply"]
+    jitter = jitter_p.transforms[0]
+    assert jitter_p.p == 0.7 and type(jitter).__name__ == "ColorJitter"
+    assert tuple(jitter.brightness) == (pytest.approx(0.2), pytest.approx(1.8))
+    assert tuple(jitter.saturation) == (pytest.approx(0.2), pytest.approx(1.8))
+    assert tuple(jitter.hue) == (pytest.approx(-0.2), pytest.approx(0.2))
+
+
+def test_quality_evaluator_scores_epoch_zero_on_a_tiny_folder(tmp_path: Path) -> None:
+    """The child's evaluation on 60 digits: epoch 0 is the random init, evaluations follow the
+    schedule (every 2nd epoch and the last), and the scores are accuracies."""
+    from benchmarks.bench_quality import Evaluator, make_digits_folder
+
+    data_dir, labels = make_digits_folder(tmp_path / "data", 8, count=60)
+    assert len(labels) == 60 and "label" in (data_dir / "manifest.csv").read_text()
+    assert all(
+        line.split(",")[2] == ""
+        for line in (data_dir / "manifest.csv").read_text().splitlines()[1:]
+    )
+    evaluator = Evaluator(data_dir, 8, epochs=3, every=2)
+    evaluator.random_init(small_stem=True, seed=0)
+    assert [evaluator.due(e) for e in (1, 2, 3)] == [False, True, True]
+    assert len(evaluator.curve) == 1 and evaluator.curve[0]["epoch"] == 0
+    assert 0.0 <= evaluator.curve[0]["knn"] <= 1.0 and 0.0 <= evaluator.curve[0]["probe"] <= 1.0

@@ -198,6 +198,7 @@ def test_scheduled_runs_have_the_retraining_guard_on_unless_it_is_set_off(
     assert _guard_input(job, "moco_train") is expected
     assert _guard_input(job, "classifier_train") is expected
     assert not _guard_input(job, "baseline_classifier_train")  # a baseline is not registered
+    assert not _guard_input(job, "scratch_classifier_train")
 
 
 def test_one_off_runs_train_unless_the_guard_is_asked_for() -> None:

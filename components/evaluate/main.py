@@ -17,6 +17,7 @@ def main(args: dict[str, Any]) -> None:
         min_macro_f1=config.min_macro_f1,
         model_name=config.model_name,
         baseline_dir=args["baseline"],
+        baseline_scratch_dir=args["baseline_scratch"],
         register=args["register"],
     )
 

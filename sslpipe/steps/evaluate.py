@@ -4,14 +4,20 @@ Inputs:
     model      a classifier folder (``sslpipe.classifier/v1``: classifier.pt, classifier.json)
     data       a labelled data_prep folder (manifest.csv with a ``split`` column, labels.json,
                selection.json); only the ``test`` split is used
-    baseline   optional: another evaluate output folder, shown side by side in the report
+    baseline          optional: the seed's baseline's evaluate output folder (the same
+                      network, random init, frozen, head only), compared in the report
+    baseline_scratch  optional: the stronger baseline's evaluate output folder (the same
+                      network trained from scratch with the labels, two-stage)
 Outputs (``output_dir``):
     metrics.json               per-class precision/recall/F1/support, macro and weighted
-                               averages, accuracy, confusion matrix, gate decision, lineage
+                               averages, accuracy, confusion matrix, gate decision, lineage,
+                               and each baseline's headline numbers (``baseline``,
+                               ``baseline_scratch``; None when not given)
     classification_report.csv  the same table as scikit-learn's classification report
     predictions.csv            one row per test image: id, path, label, predicted, confidence
     confusion_matrix.png       counts, true classes on rows, predicted classes on columns
-    report.md                  data, model lineage, the table, the gate decision (and baseline)
+    report.md                  data, model lineage, the table, the gate decision (and one
+                               comparison table: a column per model, given baselines only)
     registered_model.json      {name, version, uri, run_id, alias} when registered
 
 When classifier_train skipped training (the retraining guard left ``skipped.json`` instead of
@@ -28,6 +34,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +73,23 @@ OUTPUT_FILES = (
 )
 _DEFAULTS = EvaluateConfig()
 _MAX_TAG = 5000  # MLflow tag values are limited in length (5000 characters on older stores)
+
+# evaluate's baseline inputs in report order: (input / metrics.json key, column title, short name)
+BASELINES = (
+    ("baseline", "random init, frozen, head only (the seed's baseline)", "seed's baseline"),
+    ("baseline_scratch", "from scratch, two-stage (supervised)", "from scratch"),
+)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A baseline's evaluation, read from its evaluate output folder."""
+
+    key: str  # the evaluate input and metrics.json key: "baseline" or "baseline_scratch"
+    title: str  # its column in the report
+    short: str  # its name in the difference column
+    dir: Path
+    metrics: dict[str, Any]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -191,6 +215,18 @@ def _optional_json(path: Path) -> Any:
     return read_json(path) if path.is_file() else None
 
 
+def load_baselines(dirs: dict[str, Path | None]) -> list[Baseline]:
+    """The given baselines (``dirs``: input name -> folder or None), in report order."""
+    unknown = set(dirs) - {key for key, _, _ in BASELINES}
+    if unknown:
+        raise ValueError(f"unknown baseline input(s) {sorted(unknown)}")
+    return [
+        Baseline(key, title, short, Path(folder), load_baseline(Path(folder)))
+        for key, title, short in BASELINES
+        if (folder := dirs.get(key)) is not None
+    ]
+
+
 def load_baseline(baseline_dir: Path) -> dict[str, Any]:
     path = baseline_dir / "metrics.json"
     if not path.is_file():
@@ -252,8 +288,7 @@ def render_report(
     registered: dict[str, Any] | None,
     data: dict[str, Any],
     model: dict[str, Any],
-    baseline: dict[str, Any] | None,
-    baseline_dir: Path | None,
+    baselines: Sequence[Baseline] = (),
 ) -> str:
     lines = ["# Classifier evaluation", ""]
     lines += ["## Quality gate", "", f"**{gate_sentence(gate, registered)}**", ""]
@@ -302,44 +337,79 @@ def render_report(
     lines += ["", f"Accuracy: **{metrics['accuracy']:.4f}** on {metrics['num_images']} images.", ""]
     lines += ["![confusion matrix](confusion_matrix.png)", ""]
 
-    if baseline is not None:
-        lines += ["## Comparison with the baseline", ""]
-        lines.append(f"Baseline: `{baseline_dir}`" + _baseline_model(baseline))
-        lines += ["", "| metric | this model | baseline | difference |", "|---|---:|---:|---:|"]
-        base_classes = baseline.get("per_class", {})
-        names = list(metrics["per_class"]) + [
-            c for c in base_classes if c not in metrics["per_class"]
-        ]
-        for label in names:
-            ours = metrics["per_class"].get(label, {}).get("f1")
-            theirs = base_classes.get(label, {}).get("f1")
-            lines.append(
-                f"| F1 {_cell(label)} | {_num(ours) or '—'} | {_num(theirs) or '—'} "
-                f"| {_diff(ours, theirs)} |"
-            )
-        for title, key in (
-            ("**macro F1**", "macro_f1"),
-            ("**weighted F1**", "weighted_f1"),
-            ("**accuracy**", "accuracy"),
-        ):
-            ours, theirs = metrics[key], baseline.get(key)
-            lines.append(
-                f"| {title} | {_num(ours)} | {_num(theirs) or '—'} | {_diff(ours, theirs)} |"
-            )
-        lines.append("")
+    if baselines:
+        lines += _comparison(metrics, model, baselines)
     return "\n".join(lines)
 
 
-def _baseline_model(baseline: dict[str, Any]) -> str:
-    """What the baseline was: its registered URI and its backbone, when it recorded them."""
+def _model_title(model: dict[str, Any]) -> str:
+    """The evaluated model's column: a classifier on a pre-trained (MoCo) backbone, or not."""
+    backbone = (model.get("lineage") or {}).get("backbone")
+    kind = backbone.get("kind") if isinstance(backbone, dict) else None
+    source = backbone.get("source") if isinstance(backbone, dict) else backbone
+    random_init = kind == "torchvision" or str(source or "").startswith("torchvision:")
+    return "this model" if random_init else "MoCo classifier"
+
+
+def _comparison(
+    metrics: dict[str, Any], model: dict[str, Any], baselines: Sequence[Baseline]
+) -> list[str]:
+    """One table, a column per model (this one, then each baseline) and, after each baseline,
+    this model's difference to it; per-class F1, macro F1, weighted F1 and accuracy."""
+    ours_title = _model_title(model)
+    heading = (
+        "Comparison with the baselines" if len(baselines) > 1 else "Comparison with the baseline"
+    )
+    lines = [f"## {heading}", ""]
+    lines.append(f"- {ours_title}: `{model['dir']}`" + _model_notes({"model": model}))
+    for b in baselines:
+        lines.append(f"- {b.title}: `{b.dir}`" + _model_notes(b.metrics))
+    header = ["metric", ours_title]
+    for b in baselines:
+        header += [b.title, f"difference ({ours_title} − {b.short})"]
+    lines += [
+        "",
+        "| " + " | ".join(_cell(h) for h in header) + " |",
+        "|---|" + "---:|" * (len(header) - 1),
+    ]
+
+    def row(title: str, ours: float | None, theirs: list[float | None]) -> str:
+        cells = [title, _num(ours) or "—"]
+        for value in theirs:
+            cells += [_num(value) or "—", _diff(ours, value)]
+        return "| " + " | ".join(cells) + " |"
+
+    names = list(metrics["per_class"])
+    for b in baselines:
+        names += [c for c in b.metrics.get("per_class", {}) if c not in names]
+    for label in names:
+        ours = metrics["per_class"].get(label, {}).get("f1")
+        theirs = [b.metrics.get("per_class", {}).get(label, {}).get("f1") for b in baselines]
+        lines.append(row(f"F1 {_cell(label)}", ours, theirs))
+    for title, key in (
+        ("**macro F1**", "macro_f1"),
+        ("**weighted F1**", "weighted_f1"),
+        ("**accuracy**", "accuracy"),
+    ):
+        lines.append(row(title, metrics[key], [b.metrics.get(key) for b in baselines]))
+    lines.append("")
+    return lines
+
+
+def _model_notes(evaluation: dict[str, Any]) -> str:
+    """What a compared model was (from its evaluate metrics.json): its registered URI, its
+    backbone and its training mode, when it recorded them."""
     notes = []
-    registered = baseline.get("registered") or {}
+    registered = evaluation.get("registered") or {}
     if registered.get("uri"):
         notes.append(f"`{registered['uri']}`")
-    backbone = ((baseline.get("model") or {}).get("lineage") or {}).get("backbone")
+    lineage = (evaluation.get("model") or {}).get("lineage") or {}
+    backbone = lineage.get("backbone")
     source = backbone.get("source") if isinstance(backbone, dict) else backbone
     if source:
         notes.append(f"backbone `{source}`")
+    if lineage.get("mode"):
+        notes.append(f"mode `{lineage['mode']}`")
     return f" ({', '.join(notes)})" if notes else ""
 
 
@@ -432,10 +502,15 @@ def run_evaluate(
     min_macro_f1: float = _DEFAULTS.min_macro_f1,
     model_name: str = _DEFAULTS.model_name,
     baseline_dir: Path | None = None,
+    baseline_scratch_dir: Path | None = None,
     register: bool = True,
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Evaluate the classifier on the test split, write the report, register and gate it.
+
+    ``baseline_dir`` (the seed's baseline: random init, frozen, head only) and
+    ``baseline_scratch_dir`` (from scratch, two-stage) are other evaluate output folders; each
+    one given gets a column in the report's comparison table.
 
     Returns:
         ``{"metrics", "gate", "registered"}``; ``registered`` is None when ``register`` is
@@ -453,7 +528,7 @@ def run_evaluate(
                 f"model_name {model_name!r} is not a valid registered model name "
                 "(letters, digits, '_', '-', '.'; starting with a letter or digit)"
             ) from None
-    baseline = load_baseline(Path(baseline_dir)) if baseline_dir is not None else None
+    baselines = load_baselines({"baseline": baseline_dir, "baseline_scratch": baseline_scratch_dir})
     predictor = ClassifierPredictor.from_dir(model_dir, batch_size=batch_size)
     config = predictor.config
     test = load_test_split(data_dir)
@@ -543,16 +618,14 @@ def run_evaluate(
                 gate=gate,
                 data=data,
                 model=model,
-                baseline_dir=baseline_dir,
+                baselines=baselines,
             )
-            _write_outputs(
-                output_dir, metrics, gate, registered, data, model, baseline, baseline_dir
-            )
+            _write_outputs(output_dir, metrics, gate, registered, data, model, baselines)
             for name in OUTPUT_FILES:
                 mlflow.log_artifact(str(output_dir / name), artifact_path="evaluation")
         log.info("registered %s (version %s)", registered["uri"], registered["version"])
     else:
-        _write_outputs(output_dir, metrics, gate, None, data, model, baseline, baseline_dir)
+        _write_outputs(output_dir, metrics, gate, None, data, model, baselines)
 
     sentence = gate_sentence(gate, registered)
     if passed:
@@ -584,25 +657,28 @@ def _write_outputs(
     registered: dict[str, Any] | None,
     data: dict[str, Any],
     model: dict[str, Any],
-    baseline: dict[str, Any] | None,
-    baseline_dir: Path | None,
+    baselines: Sequence[Baseline],
 ) -> None:
+    given = {b.key: b for b in baselines}
     summary = {
         **metrics,
         "gate": gate,
         "registered": registered,
         "data": {k: v for k, v in data.items() if k != "skipped"},
         "model": model,
-        "baseline": (
-            {
-                "dir": str(baseline_dir),
-                "macro_f1": baseline["macro_f1"],
-                "weighted_f1": baseline["weighted_f1"],
-                "accuracy": baseline["accuracy"],
-            }
-            if baseline is not None
-            else None
-        ),
+        **{
+            key: (
+                {
+                    "dir": str(given[key].dir),
+                    "macro_f1": given[key].metrics["macro_f1"],
+                    "weighted_f1": given[key].metrics["weighted_f1"],
+                    "accuracy": given[key].metrics["accuracy"],
+                }
+                if key in given
+                else None
+            )
+            for key, _, _ in BASELINES
+        },
     }
     write_json(output_dir / "metrics.json", summary)
     report = render_report(
@@ -611,8 +687,7 @@ def _write_outputs(
         registered=registered,
         data=data,
         model=model,
-        baseline=baseline,
-        baseline_dir=baseline_dir,
+        baselines=baselines,
     )
     with atomic_open(output_dir / "report.md") as f:
         f.write(report)
@@ -628,7 +703,7 @@ def _register(
     gate: dict[str, Any],
     data: dict[str, Any],
     model: dict[str, Any],
-    baseline_dir: Path | None,
+    baselines: Sequence[Baseline],
 ) -> dict[str, Any]:
     """In the active run: log parameters and metrics, register the classifier with lineage
     tags, and set the ``candidate`` alias when the gate passed."""
@@ -637,7 +712,8 @@ def _register(
             "model_name": model_name,
             "min_macro_f1": gate["min_macro_f1"],
             "num_test": metrics["num_images"],
-            "baseline": str(baseline_dir) if baseline_dir is not None else "",
+            **{key: "" for key, _, _ in BASELINES},
+            **{b.key: str(b.dir) for b in baselines},
         }
     )
     mlflow.log_metrics(run_metrics(metrics))

@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,9 @@ from sslpipe.registry import (
 )
 
 log = get_logger("moco_train")
+
+EpochCallback = Callable[[int, torch.nn.Module], None]
+"""``on_epoch(epoch, backbone)`` of :func:`run_moco_train`."""
 
 CHECKPOINT_FILE = "last.pt"
 
@@ -391,8 +394,13 @@ def run_moco_train(
     register: bool = True,
     skip_unchanged: bool = False,
     env: distributed.DistEnv | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> dict[str, Any]:
     """Pre-train, checkpoint every epoch, write the backbone folder and register it.
+
+    ``on_epoch(epoch, backbone)``, when given, is called on rank 0 after every epoch (1, 2, ...)
+    with the query backbone, for evaluations beyond the kNN monitor (benchmarks); it must leave
+    the backbone's weights alone (its mode is reset before training goes on).
 
     With ``skip_unchanged`` (the retraining guard, :mod:`sslpipe.retrain_guard`), nothing is
     trained when the data and settings equal those of the latest registered version of
@@ -430,6 +438,7 @@ def run_moco_train(
             register=register,
             env=env,
             device=device,
+            on_epoch=on_epoch,
         )
         distributed.barrier()  # nobody leaves before rank 0 has written and registered
     return result
@@ -445,6 +454,7 @@ def _run(
     register: bool,
     env: distributed.DistEnv,
     device: torch.device,
+    on_epoch: EpochCallback | None = None,
 ) -> dict[str, Any]:
     main = env.is_main
     torch.manual_seed(config.seed)
@@ -550,6 +560,8 @@ def _run(
                 f", kNN top-1 {knn[-1]:.3f}" if monitor else "",
             )
             _save_checkpoint(checkpoint_dir, model, optimizer, state, config, env.world_size)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, model.backbone)
         del loader  # its workers end now rather than when the step's process does
 
         metrics_out = {

@@ -305,6 +305,27 @@ def test_data_prep_main_passes_its_flags(monkeypatch: pytest.MonkeyPatch) -> Non
     ]
 
 
+def test_evaluate_main_passes_both_baselines_and_neither_is_required(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    module = load_main("evaluate", monkeypatch, "evaluate", "run_evaluate")
+    argv = ["--model", "m", "--data", "d", "--report", "r", "--register", "False"]
+    run_component(spec_path("evaluate"), module.main, argv)
+    run_component(
+        spec_path("evaluate"),
+        module.main,
+        [*argv, "--baseline", "seed", "--baseline_scratch", "scratch"],
+    )
+    alone, both = module.calls
+    assert (alone["baseline_dir"], alone["baseline_scratch_dir"]) == (None, None)
+    assert (both["baseline_dir"], both["baseline_scratch_dir"]) == (Path("seed"), Path("scratch"))
+    assert both["register"] is False and both["output_dir"] == Path("r")
+    inputs = spec("evaluate")["inputs"]
+    for name in ("baseline", "baseline_scratch"):  # Azure ML drops the flag when unbound
+        assert (inputs[name]["type"], inputs[name].get("optional")) == ("uri_folder", True)
+        assert f"$[[--{name} ${{{{inputs.{name}}}}}]]" in spec("evaluate")["command"]
+
+
 CONNECT_DB_ARGV = ["--metadata_uri", "sqlite:///m.db", "--blob_uri", "file:///b"]
 CONNECT_DB_ARGV += ["--selection", "s"]
 

@@ -76,3 +76,80 @@ def test_float_input_is_refused_with_the_fix() -> None:
 def test_invalid_arguments_are_refused_like_moco_v2_transform() -> None:
     with pytest.raises(ValueError, match="blur_p must be a probability"):
         BatchMoCoV2Augment(16, blur_p=2.0)
+
+
+# --- the distribution of the views against torchvision's per-image MoCo v2 pipeline ----------
+
+
+def _photos(count: int = 48, size: int = 40) -> list[Image.Image]:
+    """Square patches of scikit-learn's two sample photos: real colours, edges and textures."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(0)
+    patches = []
+    for i in range(count):
+        photo = load_sample_images().images[i % 2]
+        top, left = rng.integers(0, photo.shape[0] - 160), rng.integers(0, photo.shape[1] - 160)
+        patch = Image.fromarray(photo[top : top + 160, left : left + 160])
+        patches.append(patch.resize((size, size), Image.Resampling.BILINEAR))
+    return patches
+
+
+def _views(
+    photos: list[Image.Image], batched: bool, repeats: int, seed: int = 1
+) -> torch.Tensor:
+    """(repeats, 2, N, 3, S, S): two views of every photo, ``repeats`` times."""
+    from sslpipe.moco import TwoCropsTransform, moco_v2_transform
+
+    size = 24
+    torch.manual_seed(seed)
+    if not batched:
+        per_image = TwoCropsTransform(moco_v2_transform(size))
+        out = []
+        for _ in range(repeats):
+            queries, keys = zip(*map(per_image, photos), strict=True)
+            out.append(torch.stack([torch.stack(queries), torch.stack(keys)]))
+        return torch.stack(out)
+    crops, augment = TwoCropsTransform(crop_transform(size)), BatchMoCoV2Augment(size)
+    out = []
+    for _ in range(repeats):
+        queries, keys = zip(*map(crops, photos), strict=True)
+        out.append(torch.stack([augment(torch.stack(queries)), augment(torch.stack(keys))]))
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def both_pipelines() -> dict[str, torch.Tensor]:
+    photos = _photos()
+    return {"batched": _views(photos, True, 12), "torchvision": _views(photos, False, 12)}
+
+
+def test_views_have_torchvisions_per_channel_means_and_spreads(
+    both_pipelines: dict[str, torch.Tensor],
+) -> None:
+    stats = {}
+    for name, views in both_pipelines.items():
+        per_channel = views.transpose(0, 3).reshape(3, -1)
+        stats[name] = (per_channel.mean(1), per_channel.std(1))
+    # 12 x 2 x 48 views of 24x24 px: the means move by about 0.03 from one seed to another.
+    torch.testing.assert_close(stats["batched"][0], stats["torchvision"][0], atol=0.06, rtol=0)
+    torch.testing.assert_close(stats["batched"][1], stats["torchvision"][1], atol=0.06, rtol=0)
+
+
+def _cosines(views: torch.Tensor) -> tuple[float, float]:
+    """Mean cosine of (two views of one image, views of two different images), centred pixels."""
+    flat = views.flatten(3)
+    flat = torch.nn.functional.normalize(flat - flat.mean(dim=-1, keepdim=True), dim=-1)
+    same = (flat[:, 0] * flat[:, 1]).sum(-1).mean()
+    other = (flat[:, 0] * flat[:, 1].roll(1, dims=1)).sum(-1).mean()
+    return float(same), float(other)
+
+
+def test_two_views_of_one_image_are_as_alike_as_torchvisions_and_more_than_two_images(
+    both_pipelines: dict[str, torch.Tensor],
+) -> None:
+    batched = _cosines(both_pipelines["batched"])
+    reference = _cosines(both_pipelines["torchvision"])
+    assert batched[0] == pytest.approx(reference[0], abs=0.05)
+    assert batched[1] == pytest.approx(reference[1], abs=0.05)
+    assert batched[0] > batched[1] + 0.05

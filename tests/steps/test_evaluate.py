@@ -1,4 +1,4 @@
-"""evaluate: metrics equal scikit-learn's, the report, the baseline, registration and the gate."""
+"""evaluate: metrics equal scikit-learn's, the report, the baselines, registration and the gate."""
 
 from __future__ import annotations
 
@@ -130,16 +130,27 @@ def test_the_step_writes_metrics_report_and_confusion_matrix(
     assert "Comparison with the baseline" not in report
 
 
+SEED_TITLE = "random init, frozen, head only (the seed's baseline)"
+SCRATCH_TITLE = "from scratch, two-stage (supervised)"
+
+
+def write_baseline(folder: Path, predicted: list[str], mode: str) -> dict:
+    """An evaluate output folder (its metrics.json) of a random-init baseline."""
+    folder.mkdir()
+    y_true, _ = expected_test_labels()
+    metrics = compute_metrics(y_true, predicted, CLASSES)
+    lineage = {"lineage": {"backbone": {"source": "torchvision:resnet18:small"}, "mode": mode}}
+    (folder / "metrics.json").write_text(
+        json.dumps({**metrics, "model": lineage, "registered": None})
+    )
+    return metrics
+
+
 def test_the_report_compares_with_a_baseline(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
     model, data = inputs
     baseline = tmp_path / "baseline"
-    baseline.mkdir()
     y_true, _ = expected_test_labels()
-    baseline_metrics = compute_metrics(y_true, ["red"] * len(y_true), CLASSES)
-    baseline_lineage = {"lineage": {"backbone": {"source": "torchvision:resnet18:small"}}}
-    (baseline / "metrics.json").write_text(
-        json.dumps({**baseline_metrics, "model": baseline_lineage, "registered": None})
-    )
+    baseline_metrics = write_baseline(baseline, ["red"] * len(y_true), "head")
 
     out = tmp_path / "report"
     run_evaluate(
@@ -153,8 +164,16 @@ def test_the_report_compares_with_a_baseline(tmp_path: Path, inputs: tuple[Path,
     )
     ours = json.loads((out / "metrics.json").read_text())
     report = (out / "report.md").read_text()
-    assert "## Comparison with the baseline" in report
-    assert f"Baseline: `{baseline}` (backbone `torchvision:resnet18:small`)" in report
+    assert "## Comparison with the baseline\n" in report
+    assert f"- {SEED_TITLE}: `{baseline}` (backbone `torchvision:resnet18:small`, mode `head`)" in (
+        report
+    )
+    assert f"- MoCo classifier: `{model}` (backbone `moco-backbone@latest`)" in report
+    assert (
+        f"| metric | MoCo classifier | {SEED_TITLE} | difference (MoCo classifier − seed's "
+        "baseline) |\n|---|---:|---:|---:|\n" in report
+    )
+    assert SCRATCH_TITLE not in report  # a column only for the baselines given
     for label in CLASSES:
         a, b = ours["per_class"][label]["f1"], baseline_metrics["per_class"][label]["f1"]
         assert f"| F1 {label} | {a:.4f} | {b:.4f} | {a - b:+.4f} |" in report
@@ -163,6 +182,7 @@ def test_the_report_compares_with_a_baseline(tmp_path: Path, inputs: tuple[Path,
     a, b = ours["accuracy"], baseline_metrics["accuracy"]
     assert f"| **accuracy** | {a:.4f} | {b:.4f} | {a - b:+.4f} |" in report
     assert ours["baseline"]["macro_f1"] == baseline_metrics["macro_f1"]
+    assert ours["baseline"]["dir"] == str(baseline) and ours["baseline_scratch"] is None
 
     with pytest.raises(ValueError, match="not an evaluate output folder"):
         run_evaluate(
@@ -170,6 +190,72 @@ def test_the_report_compares_with_a_baseline(tmp_path: Path, inputs: tuple[Path,
             data_dir=data,
             output_dir=tmp_path / "again",
             baseline_dir=tmp_path / "nothing",
+            register=False,
+        )
+
+
+def test_the_report_puts_the_model_beside_both_baselines_in_one_table(
+    tmp_path: Path, inputs: tuple[Path, Path]
+) -> None:
+    """full: the MoCo classifier, the seed's baseline and the one trained from scratch."""
+    model, data = inputs
+    y_true, y_pred = expected_test_labels()
+    seed = write_baseline(tmp_path / "seed", ["red"] * len(y_true), "head")
+    # The scratch baseline gets one test image more wrong than the model.
+    right = next(i for i, (t, p) in enumerate(zip(y_true, y_pred, strict=True)) if t == p)
+    scratch_pred = list(y_pred)
+    scratch_pred[right] = next(c for c in CLASSES if c != y_true[right])
+    scratch = write_baseline(tmp_path / "scratch", scratch_pred, "two_stage")
+
+    out = tmp_path / "report"
+    run_evaluate(
+        model_dir=model,
+        data_dir=data,
+        output_dir=out,
+        baseline_dir=tmp_path / "seed",
+        baseline_scratch_dir=tmp_path / "scratch",
+        register=False,
+    )
+    ours = json.loads((out / "metrics.json").read_text())
+    report = (out / "report.md").read_text()
+    assert report.count("## Comparison") == 1 and "## Comparison with the baselines\n" in report
+    assert f"- {SEED_TITLE}: `{tmp_path / 'seed'}` (" in report
+    assert f"- {SCRATCH_TITLE}: `{tmp_path / 'scratch'}` (" in report
+    assert "mode `two_stage`" in report
+    header = (
+        f"| metric | MoCo classifier | {SEED_TITLE} | difference (MoCo classifier − seed's "
+        f"baseline) | {SCRATCH_TITLE} | difference (MoCo classifier − from scratch) |"
+    )
+    assert f"{header}\n|---|---:|---:|---:|---:|---:|\n" in report
+
+    def row(title: str, a: float, b: float, c: float) -> str:
+        return f"| {title} | {a:.4f} | {b:.4f} | {a - b:+.4f} | {c:.4f} | {a - c:+.4f} |"
+
+    for label in CLASSES:
+        f1 = [m["per_class"][label]["f1"] for m in (ours, seed, scratch)]
+        assert row(f"F1 {label}", *f1) in report, label
+    for title, key in (("**macro F1**", "macro_f1"), ("**accuracy**", "accuracy")):
+        assert row(title, ours[key], seed[key], scratch[key]) in report, key
+    assert ours["accuracy"] - scratch["accuracy"] == pytest.approx(1 / 9)
+    assert ours["accuracy"] - seed["accuracy"] > 0
+
+    # metrics.json keeps its keys; each baseline's headline numbers sit under its input's name.
+    assert ours["baseline"] == {
+        "dir": str(tmp_path / "seed"),
+        "macro_f1": seed["macro_f1"],
+        "weighted_f1": seed["weighted_f1"],
+        "accuracy": seed["accuracy"],
+    }
+    assert ours["baseline_scratch"]["dir"] == str(tmp_path / "scratch")
+    assert ours["baseline_scratch"]["accuracy"] == scratch["accuracy"]
+
+    with pytest.raises(ValueError, match="not an evaluate output folder"):
+        run_evaluate(
+            model_dir=model,
+            data_dir=data,
+            output_dir=tmp_path / "again",
+            baseline_dir=tmp_path / "seed",
+            baseline_scratch_dir=tmp_path / "nothing",
             register=False,
         )
 
@@ -257,13 +343,24 @@ def test_the_component_loads_with_azure_ml_and_mirrors_the_config() -> None:
     assert component.name == "sslpipe_evaluate"
     spec = load_spec(SPEC)
     inputs = spec["inputs"]
-    assert set(inputs) == {"model", "data", "baseline", "min_macro_f1", "model_name", "register"}
+    assert set(inputs) == {
+        "model",
+        "data",
+        "baseline",
+        "baseline_scratch",
+        "min_macro_f1",
+        "model_name",
+        "register",
+    }
     assert set(component.inputs) == set(inputs) and set(component.outputs) == {"report"}
-    assert inputs["baseline"]["optional"] is True
+    for name in ("baseline", "baseline_scratch"):
+        assert inputs[name]["optional"] is True and inputs[name]["type"] == "uri_folder"
+        assert component.inputs[name].optional is True
     for name, field in EvaluateConfig.model_fields.items():
         assert inputs[name]["default"] == field.default, name
     assert inputs["register"] == {**inputs["register"], "type": "boolean", "default": True}
     assert "$[[--baseline ${{inputs.baseline}}]]" in spec["command"]
+    assert "$[[--baseline_scratch ${{inputs.baseline_scratch}}]]" in spec["command"]
 
 
 def _rendered(with_baseline: bool) -> list[str]:
@@ -281,11 +378,12 @@ def _rendered(with_baseline: bool) -> list[str]:
 def test_the_parser_accepts_the_rendered_command_with_and_without_baseline() -> None:
     parser = build_parser(load_spec(SPEC))
     args = vars(parser.parse_args(_rendered(with_baseline=False)))
-    assert args["baseline"] is None and args["register"] is True
+    assert args["baseline"] is None and args["baseline_scratch"] is None
+    assert args["register"] is True
     assert args["report"] == Path("/mnt/report") and args["min_macro_f1"] == 0.5
-    assert vars(parser.parse_args(_rendered(with_baseline=True)))["baseline"] == Path(
-        "/mnt/baseline"
-    )
+    args = vars(parser.parse_args(_rendered(with_baseline=True)))
+    assert args["baseline"] == Path("/mnt/baseline")
+    assert args["baseline_scratch"] == Path("/mnt/baseline_scratch")
 
 
 def test_the_entry_point_runs_the_step(
