@@ -82,6 +82,9 @@ class MocoConfig(_Section):
     # MNIST at 32 px the loss fell to 4.7 (chance 6.9) in 8 epochs, against 6.6 with lr 0.03,
     # weight decay 5e-4 and MoCo v2's full-strength augmentations (README, "Pre-training").
     lr: float = Field(0.06, gt=0, description="SGD learning rate, cosine schedule")
+    warmup_epochs: float = Field(
+        2.0, ge=0, description="linear learning-rate warm-up, in epochs (0: none)"
+    )
     sgd_momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     queue_size: int = Field(4096, ge=1, description="negatives K; shrunk when above the images")

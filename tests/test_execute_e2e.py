@@ -53,6 +53,13 @@ def test_first_run_builds_the_demo_catalog_and_registers_a_backbone(first_run) -
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "building the DEMO catalog" in result.stdout
     assert "registered model moco-backbone version 1" in result.stdout
+    # The run ends with what pre-training bought, from the kNN monitor's first and last epoch.
+    metrics = next(workspace.glob("runs/*/moco_train/outputs/model/metrics.json"))
+    knn = json.loads(metrics.read_text())
+    assert (
+        f"moco_train: kNN top-1 on the labelled images: random init {knn['knn_top1'][0]:.3f}, "
+        f"after pre-training {knn['knn_top1'][-1]:.3f}"
+    ) in result.stdout
     records = list((workspace / "runs").glob("*/run.json"))
     assert len(records) == 1
     record = json.loads(records[0].read_text())

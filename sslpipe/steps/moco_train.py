@@ -22,6 +22,7 @@ monitor and the model, and registers it; every process resumes from rank 0's che
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -221,9 +222,21 @@ def _loader(
     )
 
 
-def _lr_at(config: MocoConfig, epoch: int) -> float:
-    """Cosine schedule over epochs (MoCo v2), as a pure function so resume needs no state."""
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+def _lr_at(config: MocoConfig, epoch: float, done: float = 0.0) -> float:
+    """Learning rate at ``epoch + done`` (``done``: the share of the epoch's steps): cosine
+    decay (MoCo v2) scaled by a linear warm-up over ``config.warmup_epochs``. A pure function
+    of the position, so a resumed run needs no scheduler state.
+
+    The warm-up keeps the first steps, while the backbone's features still share one large
+    common component, from dragging every embedding along one direction faster than the key
+    encoder follows (on MNIST at 32 px, 8 epochs: kNN 0.815 with 2 warm-up epochs, 0.772
+    without, 0.804 at random initialisation).
+    """
+    position = epoch + done
+    cosine = config.lr * 0.5 * (1.0 + math.cos(math.pi * position / config.epochs))
+    if config.warmup_epochs <= 0:
+        return cosine
+    return cosine * min(1.0, position / config.warmup_epochs)
 
 
 def _on(device: torch.device, x: torch.Tensor) -> torch.Tensor:
@@ -236,16 +249,21 @@ def _train_epoch(
     optimizer: torch.optim.Optimizer,
     device: torch.device | None = None,
     augment: BatchMoCoV2Augment | None = None,
+    lr_at: Callable[[float], float] | None = None,
 ) -> tuple[float, int]:
     """One pass over this process's images: (mean loss over all processes, steps).
 
     With ``augment``, the loader yields ``uint8`` crops and the rest of the MoCo v2 recipe
-    runs here, batched, on ``device`` (see :mod:`sslpipe.moco.batch_augment`).
+    runs here, batched, on ``device`` (see :mod:`sslpipe.moco.batch_augment`). With ``lr_at``,
+    step ``i`` of ``n`` trains at ``lr_at((i + 1) / n)``.
     """
     device = device or torch.device("cpu")
     model.train()
     total, steps = 0.0, 0
     for x_query, x_key, ids in loader:
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at((steps + 1) / len(loader))
         if augment is not None:
             x_query = augment(x_query.to(device, non_blocking=True))
             x_key = augment(x_key.to(device, non_blocking=True))
@@ -528,16 +546,21 @@ def _run(
             train_set, order, batch, config.num_workers, pin_memory=device.type == "cuda"
         )
         for epoch in range(state.epoch, config.epochs):
-            lr = _lr_at(config, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             # Seeding per epoch makes an epoch's shuffle and augmentations a function of
             # (seed, epoch, rank) alone, so a resumed run continues like an uninterrupted one:
             # the batched augmentations here, the crops in the loader (per item).
             torch.manual_seed(distributed.epoch_seed(config.seed, epoch, env.rank))
             order.set_epoch(epoch)
             started = time.perf_counter()
-            loss, steps = _train_epoch(model, loader, optimizer, device, augment)
+            loss, steps = _train_epoch(
+                model,
+                loader,
+                optimizer,
+                device,
+                augment,
+                lr_at=functools.partial(_lr_at, config, epoch),
+            )
+            lr = float(optimizer.param_groups[0]["lr"])
             seconds = time.perf_counter() - started
             distributed.check_replicas_agree([*model.parameters(), model.queue.keys], device)
             losses.append(loss)
