@@ -56,14 +56,13 @@ GPU_MARGIN = 0.05  # the GPU variant's kNN must beat random init by this much
 SEED = 0
 
 # Sizes of the CPU runs. On 2 otherwise idle cores resnet18 trains at about 166 images/s with
-# the small stem at 16 px and about 300 images/s with the ImageNet stem at 32 px; an evaluation
-# embeds every image once more (forward only). At those rates the full run takes about 8 minutes
-# (per side ~15 s of start-up, MLflow and data, ~4 s per evaluation of the digits, ~6 s of
-# MNIST) and the quick run about 2. With the 2 cores shared with other work (load average ~4)
-# both sides trained at 15-20 images/s and the quick run took 6 minutes.
+# the small stem at 16 px and about 280 images/s with the ImageNet stem at 32 px; an evaluation
+# embeds every image once more (forward only). MNIST gets 8 epochs: with the project's default
+# 2-epoch warm-up, that is where its kNN first passed the random initialisation's in the
+# experiments behind the recipe (0.815 against 0.804). The full run takes about 11 minutes.
 FULL: dict[str, dict[str, Any]] = {
     "digits": {"images": 1797, "image_size": 16, "small_stem": True, "epochs": 6},
-    "mnist": {"images": 5000, "image_size": 32, "small_stem": False, "epochs": 4},
+    "mnist": {"images": 5000, "image_size": 32, "small_stem": False, "epochs": 8},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "digits": {"images": 600, "image_size": 16, "small_stem": True, "epochs": 2},
