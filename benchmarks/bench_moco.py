@@ -28,7 +28,6 @@ import copy
 import itertools
 import json
 import logging
-import math
 import os
 import re
 import statistics
@@ -54,6 +53,7 @@ FEATURE_DIM = 512  # resnet18
 
 RECIPE_FIELDS = (
     "lr",
+    "warmup_epochs",
     "weight_decay",
     "temperature",
     "key_momentum",
@@ -72,6 +72,7 @@ queue, batch, epochs, image size and network are the budget, passed on their own
 
 ROW2_RECIPE: dict[str, float] = {
     "lr": LR,
+    "warmup_epochs": 0.0,
     "weight_decay": WEIGHT_DECAY,
     "temperature": TEMPERATURE,
     "key_momentum": KEY_MOMENTUM,
@@ -287,6 +288,9 @@ def lightly_moco_train(
     from lightly.models.utils import deactivate_requires_grad, update_momentum
     from torch import nn
 
+    from sslpipe.config import MocoConfig
+    from sslpipe.steps.moco_train import lr_at
+
     r = _recipe(recipe)
     hidden, out = int(r["projection_hidden_dim"]), int(r["projection_dim"])
 
@@ -320,16 +324,19 @@ def lightly_moco_train(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=r["sgd_momentum"], weight_decay=r["weight_decay"]
     )
+    # The project's schedule (cosine after a linear warm-up, set per step), so that both sides
+    # train with the same learning rate at every step.
+    schedule = MocoConfig(lr=lr, epochs=epochs, warmup_epochs=r["warmup_epochs"])
     rates: list[float] = []
     cpu_marks = [_cpu_seconds()]
     if on_epoch is not None:
         on_epoch(0, model.backbone)  # random init, like the project's epoch-0 kNN monitor
     for epoch in range(epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
         model.train()
         epoch_started, images = time.perf_counter(), 0
-        for batch_views, _, _ in dataloader:
+        for step, (batch_views, _, _) in enumerate(dataloader):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(schedule, epoch, (step + 1) / len(dataloader))
             x_query, x_key = (x.to(device, non_blocking=True) for x in batch_views)
             update_momentum(model.backbone, model.backbone_momentum, m=key_momentum)
             update_momentum(model.projection_head, model.projection_head_momentum, m=key_momentum)

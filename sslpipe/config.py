@@ -80,7 +80,7 @@ class MocoConfig(_Section):
     batch_size: int = Field(64, ge=2)
     # The seed's lr 0.06 with MoCo v2's weight decay 1e-4, and the crop and jitter below: on
     # MNIST at 32 px the loss fell to 4.7 (chance 6.9) in 8 epochs, against 6.6 with lr 0.03,
-    # weight decay 5e-4 and MoCo v2's full-strength augmentations (README, "Pre-training").
+    # weight decay 5e-4 and MoCo v2's full-strength augmentations (README, "MoCo pre-training").
     lr: float = Field(0.06, gt=0, description="SGD learning rate, cosine schedule")
     warmup_epochs: float = Field(
         2.0, ge=0, description="linear learning-rate warm-up, in epochs (0: none)"

@@ -222,7 +222,7 @@ def _loader(
     )
 
 
-def _lr_at(config: MocoConfig, epoch: float, done: float = 0.0) -> float:
+def lr_at(config: MocoConfig, epoch: float, done: float = 0.0) -> float:
     """Learning rate at ``epoch + done`` (``done``: the share of the epoch's steps): cosine
     decay (MoCo v2) scaled by a linear warm-up over ``config.warmup_epochs``. A pure function
     of the position, so a resumed run needs no scheduler state.
@@ -558,7 +558,7 @@ def _run(
                 optimizer,
                 device,
                 augment,
-                lr_at=functools.partial(_lr_at, config, epoch),
+                lr_at=functools.partial(lr_at, config, epoch),
             )
             lr = float(optimizer.param_groups[0]["lr"])
             seconds = time.perf_counter() - started

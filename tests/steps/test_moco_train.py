@@ -204,14 +204,14 @@ def test_the_retraining_guard_keeps_the_registered_backbone_until_the_data_chang
 def test_the_learning_rate_warms_up_linearly_then_follows_the_cosine() -> None:
     from math import cos, pi
 
-    from sslpipe.steps.moco_train import _lr_at
+    from sslpipe.steps.moco_train import lr_at
 
     def cosine(position: float) -> float:
         return 0.1 * 0.5 * (1 + cos(pi * position / 10))
 
     config = MocoConfig(lr=0.1, epochs=10, warmup_epochs=2)
-    assert _lr_at(config, 0, 0.5) == pytest.approx(cosine(0.5) * 0.25)
-    assert _lr_at(config, 1, 1.0) == pytest.approx(cosine(2.0))
-    assert _lr_at(config, 5) == pytest.approx(0.05)
+    assert lr_at(config, 0, 0.5) == pytest.approx(cosine(0.5) * 0.25)
+    assert lr_at(config, 1, 1.0) == pytest.approx(cosine(2.0))
+    assert lr_at(config, 5) == pytest.approx(0.05)
     no_warmup = MocoConfig(lr=0.1, epochs=10, warmup_epochs=0)
-    assert _lr_at(no_warmup, 0, 0.1) == pytest.approx(cosine(0.1))
+    assert lr_at(no_warmup, 0, 0.1) == pytest.approx(cosine(0.1))
