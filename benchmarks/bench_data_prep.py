@@ -5,7 +5,8 @@ quality 85, 4:2:0), generated once into the cache and uploaded once to the Azuri
 ``bench-photos``. Three contestants, each in a fresh child process, interleaved:
 
 - project:  ``sslpipe.steps.data_prep.run_data_prep`` on a connect_db-like selection folder,
-            image_size 112, the default concurrency (16), into an empty output folder;
+            image_size 112, concurrency 16 (the default before issue 15; row 6 measures
+            the default under latency), into an empty output folder;
 - baseline: sequential synchronous download (azure-storage-blob's sync client), full PIL
             decode, resize of the shorter side to 112, save as JPEG (the seed's way);
 - ceiling:  download only (azure-storage-blob's async client, same concurrency, no decode).
@@ -49,7 +50,7 @@ WIDTH, HEIGHT = 640, 480
 QUALITY = 85
 NOISE = 9.5  # sensor-like noise (standard deviation); sets the file size to about 65 KB
 IMAGE_SIZE = 112
-CONCURRENCY = 16  # data_prep.concurrency's default
+CONCURRENCY = 16  # data_prep.concurrency's default until issue 15 (now 64: bench_latency.py)
 CONTAINER = "bench-photos"
 FULL = {"images": 2000, "small": 500, "repeats": 3}
 QUICK = {"images": 200, "small": 60, "repeats": 2}

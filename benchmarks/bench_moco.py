@@ -234,6 +234,33 @@ def lightly_backbone(small_stem: bool) -> Any:
     return nn.Sequential(*list(resnet.children())[:-1])
 
 
+def lightly_moco_model(backbone: Any, hidden: int, out: int) -> Any:
+    """The MoCo module of lightly's MoCo example: ``backbone`` with a projection head, and
+    their momentum copies for the keys."""
+    from lightly.models.modules import MoCoProjectionHead
+    from lightly.models.utils import deactivate_requires_grad
+    from torch import nn
+
+    class MoCo(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone
+            self.projection_head = MoCoProjectionHead(FEATURE_DIM, hidden, out)
+            self.backbone_momentum = copy.deepcopy(self.backbone)
+            self.projection_head_momentum = copy.deepcopy(self.projection_head)
+            deactivate_requires_grad(self.backbone_momentum)
+            deactivate_requires_grad(self.projection_head_momentum)
+
+        def forward(self, x: Any) -> Any:
+            return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+        def forward_momentum(self, x: Any) -> Any:
+            key = self.backbone_momentum(x).flatten(start_dim=1)
+            return self.projection_head_momentum(key).detach()
+
+    return MoCo()
+
+
 def lightly_transform(image_size: int, recipe: dict[str, float] | None = None) -> Any:
     """lightly's ``MoCoV2Transform`` with the recipe's augmentations (:data:`RECIPE_FIELDS`):
     colour jitter of brightness, contrast and saturation at the jitter strength and of hue at a
@@ -284,36 +311,16 @@ def lightly_moco_train(
     import torch
     from lightly.data import LightlyDataset
     from lightly.loss import NTXentLoss
-    from lightly.models.modules import MoCoProjectionHead
-    from lightly.models.utils import deactivate_requires_grad, update_momentum
-    from torch import nn
+    from lightly.models.utils import update_momentum
 
     from sslpipe.config import MocoConfig
     from sslpipe.steps.moco_train import lr_at
 
     r = _recipe(recipe)
     hidden, out = int(r["projection_hidden_dim"]), int(r["projection_dim"])
-
-    class MoCo(nn.Module):
-        def __init__(self, backbone: nn.Module) -> None:
-            super().__init__()
-            self.backbone = backbone
-            self.projection_head = MoCoProjectionHead(FEATURE_DIM, hidden, out)
-            self.backbone_momentum = copy.deepcopy(self.backbone)
-            self.projection_head_momentum = copy.deepcopy(self.projection_head)
-            deactivate_requires_grad(self.backbone_momentum)
-            deactivate_requires_grad(self.projection_head_momentum)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.projection_head(self.backbone(x).flatten(start_dim=1))
-
-        def forward_momentum(self, x: torch.Tensor) -> torch.Tensor:
-            key = self.backbone_momentum(x).flatten(start_dim=1)
-            return self.projection_head_momentum(key).detach()
-
     started = time.perf_counter()
     torch.manual_seed(seed)
-    model = MoCo(lightly_backbone(small_stem)).to(device)
+    model = lightly_moco_model(lightly_backbone(small_stem), hidden, out).to(device)
     transform = lightly_transform(image_size, r)
     dataset = LightlyDataset(input_dir=str(images_dir), transform=transform)
     dataloader = torch.utils.data.DataLoader(

@@ -33,14 +33,16 @@ from benchmarks.common import (
 
 ROWS: dict[str, tuple[str, str]] = {
     "data_prep": ("benchmarks.bench_data_prep", "1. data_prep throughput"),
+    "latency": ("benchmarks.bench_latency", "6. data_prep under 20 ms latency"),
     "moco": ("benchmarks.bench_moco", "2. moco_train throughput vs lightly"),
     "quality": ("benchmarks.bench_quality", "3. representation quality"),
     "connect_db": ("benchmarks.bench_connect_db", "4. connect_db at scale"),
     "e2e": ("benchmarks.bench_e2e", "5. end to end"),
+    "gpu": ("benchmarks.bench_gpu", "7. GPU throughput (one GPU)"),
 }
 """Row name -> (module, title), in table order."""
 
-RUN_ORDER = ["data_prep", "connect_db", "e2e", "moco", "quality"]
+RUN_ORDER = ["data_prep", "latency", "connect_db", "e2e", "moco", "quality", "gpu"]
 """The order the rows run in (the table keeps the order of :data:`ROWS`)."""
 
 QUICK_SKIPS = {"e2e": "skipped in --quick (run it with --only e2e)"}

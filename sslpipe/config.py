@@ -11,7 +11,6 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -59,7 +58,11 @@ class StoresConfig(_Section):
 
 class DataPrepConfig(_Section):
     image_size: int = Field(72, ge=8, le=4096, description="shorter side after resizing, px")
-    concurrency: int = Field(16, ge=1, le=512, description="blob downloads in flight")
+    # Sized for the network, not the cores: images/s wanted x seconds a request takes (64 at
+    # 20 ms: up to 3,200 images/s), shared out over the fetching processes (steps.data_prep).
+    concurrency: int = Field(
+        64, ge=1, le=512, description="blob downloads in flight, all processes together"
+    )
     max_skipped_fraction: float = Field(
         0.05, ge=0.0, le=1.0, description="fail when more images than this fraction are unusable"
     )
@@ -107,9 +110,23 @@ class MocoConfig(_Section):
     horizontal_flip_p: float = Field(0.5, ge=0, le=1, description="probability of a flip")
     vertical_flip: bool = Field(False, description="the seed's extra augmentation")
     rotation_degrees: float = Field(0.0, ge=0, le=180, description="the seed's extra augmentation")
-    num_workers: int = Field(1, ge=0, description="DataLoader worker processes")
+    # How the views are fed (sslpipe.moco.loading): sized to the machine unless set.
+    views: str = Field(
+        "auto",
+        description="crops cut in batches from data_prep's packed array (packed), decoded from "
+        "the JPEGs in workers (stream), or packed when it fits in memory (auto)",
+    )
+    num_workers: int = Field(
+        -1, ge=-1, description="streaming DataLoader worker processes (-1: sized to the machine)"
+    )
+    precision: str = Field(
+        "auto", description="bf16 autocast, fp32, or auto: bf16 on GPUs that support it"
+    )
     seed: int = 0
     knn_k: int = Field(20, ge=1, description="neighbours of the kNN monitor")
+    knn_every: int = Field(
+        1, ge=0, description="kNN monitor every N epochs and after the last (0: last only)"
+    )
     model_name: str = Field("moco-backbone", min_length=1, description="registered model name")
     # Distributed data-parallel training (sslpipe.distributed). batch_size is per process: the
     # global batch, which the queue receives at every step, is batch_size x nodes x
@@ -132,6 +149,20 @@ class MocoConfig(_Section):
         # A field validator, so that the error names the key ('moco.backbone').
         if value not in BACKBONES:
             raise ValueError(f"unknown backbone {value!r}; expected one of {BACKBONES}")
+        return value
+
+    @field_validator("views")
+    @classmethod
+    def _known_views(cls, value: str) -> str:
+        if value not in MOCO_VIEWS:
+            raise ValueError(f"unknown views {value!r}; expected one of {MOCO_VIEWS}")
+        return value
+
+    @field_validator("precision")
+    @classmethod
+    def _known_precision(cls, value: str) -> str:
+        if value not in MOCO_PRECISIONS:
+            raise ValueError(f"unknown precision {value!r}; expected one of {MOCO_PRECISIONS}")
         return value
 
     @field_validator("bn")
@@ -162,6 +193,10 @@ class MocoConfig(_Section):
 
 MOCO_BN_MODES = ("shuffle", "sync", "none")
 """moco.bn: as ``sslpipe.moco.ddp.BN_MODES`` (not imported here, to keep torch out)."""
+MOCO_VIEWS = ("auto", "packed", "stream")
+"""moco.views: where the crops come from (sslpipe.moco.loading)."""
+MOCO_PRECISIONS = ("auto", "bf16", "fp32")
+"""moco.precision: the training step's autocast (sslpipe.steps.moco_train)."""
 
 
 class LabelsConfig(_Section):
@@ -334,8 +369,10 @@ class PipelineConfig(_Section):
         return self.workspace_dir / "mlartifacts"
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
+def _yaml_problem(err: Exception) -> str:
     """A YAML error as one line: the problem and where it is (PyYAML's own text spans lines)."""
+    import yaml  # only to read settings: the training core imports this module without it
+
     if isinstance(err, yaml.MarkedYAMLError) and err.problem:
         mark = err.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -345,6 +382,8 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"moco.epochs=3"`` -> ``(["moco", "epochs"], 3)``; the value is parsed as YAML."""
+    import yaml
+
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set moco.epochs=3")
@@ -399,6 +438,8 @@ def load_config(
     Raises:
         ConfigError: with one line naming the key and the problem.
     """
+    import yaml
+
     tree: dict[str, Any] = {}
     if path is not None:
         try:

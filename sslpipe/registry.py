@@ -17,13 +17,16 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import mlflow
-from mlflow.tracking import MlflowClient
 from torch import nn
 
 from sslpipe.backbone_io import load_backbone_dir
+from sslpipe.tracking import require_mlflow
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 # Progress bars of artifact downloads would interleave with the step logs.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -41,6 +44,11 @@ class ModelReferenceError(ValueError):
     """A model reference is malformed or names nothing in the registry."""
 
 
+def _mlflow() -> ModuleType:
+    """MLflow, imported when the registry is first used (training runs without it)."""
+    return require_mlflow("the model registry")
+
+
 def configure_tracking(
     tracking_uri: str | None = None,
     *,
@@ -52,6 +60,7 @@ def configure_tracking(
     A new experiment on a local store gets ``artifact_root`` as its artifact location, so that
     artifacts land in the workspace and not in the current directory.
     """
+    mlflow = _mlflow()
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         mlflow.set_tracking_uri(uri)
@@ -63,7 +72,7 @@ def configure_tracking(
         if os.environ.get("SSLPIPE_ARTIFACT_ROOT")
         else None
     )
-    client = MlflowClient()
+    client = mlflow.MlflowClient()
     if client.get_experiment_by_name(name) is None and root is not None:
         # Another step may create it at the same moment; either way it exists afterwards.
         with contextlib.suppress(mlflow.exceptions.MlflowException):
@@ -78,7 +87,8 @@ def model_uri(reference: str) -> str:
         return f"models:/{name}@{alias}"
     if version and version != "latest":
         return f"models:/{name}/{version}"
-    client = MlflowClient()
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
     versions = client.search_model_versions(f"name = '{name}'") if _safe_name(name) else []
     if not versions:
         raise ModelReferenceError(
@@ -165,6 +175,7 @@ def _register_pyfunc(
     description: str,
     caller: str,
 ) -> dict[str, Any]:
+    mlflow = _mlflow()
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError(f"{caller} needs an active MLflow run")
@@ -179,7 +190,7 @@ def _register_pyfunc(
         registered_model_name=name,
         await_registration_for=0,
     )
-    client = MlflowClient()
+    client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
@@ -201,7 +212,8 @@ def resolve_version(reference: str) -> tuple[str, str]:
             not exist (the message lists what does).
     """
     name, version, alias = parse_reference(reference)
-    client = MlflowClient()
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
     versions = _versions(client, name)
     if not versions:
         raise ModelReferenceError(
@@ -235,7 +247,7 @@ def _versions(client: MlflowClient, name: str) -> list[str]:
 def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
     try:
         model = client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
+    except _mlflow().exceptions.MlflowException:
         return {}
     return {alias: str(version) for alias, version in (model.aliases or {}).items()}
 
@@ -252,7 +264,7 @@ def set_alias(name: str, version: str | int, alias: str) -> None:
             "letter (not 'latest' or 'v<number>')"
         )
     name, version = resolve_version(f"{name}/{version}")
-    MlflowClient().set_registered_model_alias(name, alias, version)
+    _mlflow().MlflowClient().set_registered_model_alias(name, alias, version)
 
 
 def promote(reference: str, alias: str = "production") -> dict[str, Any]:
@@ -263,7 +275,7 @@ def promote(reference: str, alias: str = "production") -> dict[str, Any]:
         alias pointed at before, or None.
     """
     name, version = resolve_version(reference)
-    previous = _aliases(MlflowClient(), name).get(alias)
+    previous = _aliases(_mlflow().MlflowClient(), name).get(alias)
     set_alias(name, version, alias)
     return {
         "name": name,
@@ -303,28 +315,24 @@ def _load_registered(reference: str, expected_kind: str, description: str) -> An
 def _python_model_kind(model: Any) -> str:
     try:
         return type(model.unwrap_python_model()).__name__
-    except mlflow.exceptions.MlflowException:
+    except _mlflow().exceptions.MlflowException:
         return "not an sslpipe pyfunc model"
 
 
 def _load_pyfunc(reference: str, uri: str) -> Any:
     # MLflow asks for type hints on predict; these models take paths, bytes and arrays alike.
     warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+    mlflow = _mlflow()
     try:
         return mlflow.pyfunc.load_model(uri)
     except mlflow.exceptions.MlflowException as err:
         raise ModelReferenceError(f"cannot load {reference!r} ({uri}): {err.message}") from None
 
 
-def parent_run_tags() -> dict[str, str]:
-    """``mlflow.parentRunId`` from ``$SSLPIPE_MLFLOW_PARENT_RUN_ID`` (set by the executor)."""
-    parent = os.environ.get("SSLPIPE_MLFLOW_PARENT_RUN_ID")
-    return {"mlflow.parentRunId": parent} if parent else {}
-
-
 def download_model(reference: str) -> Path:
     """Download a registered model's files and return the local folder."""
     uri = model_uri(reference)
+    mlflow = _mlflow()
     try:
         return Path(
             mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp())

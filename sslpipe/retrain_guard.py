@@ -70,15 +70,15 @@ class GuardDecision:
 
 
 def _latest_version(model_name: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
     from sslpipe.registry import ModelReferenceError, resolve_version
+    from sslpipe.tracking import require_mlflow
 
+    mlflow = require_mlflow("the retraining guard (skip_unchanged)")
     try:
         name, version = resolve_version(model_name)
     except ModelReferenceError:
         return None
-    return MlflowClient().get_model_version(name, version)
+    return mlflow.MlflowClient().get_model_version(name, version)
 
 
 def decide(model_name: str, *, data: str, setup: str) -> GuardDecision:

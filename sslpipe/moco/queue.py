@@ -65,6 +65,13 @@ class KeyQueue(nn.Module):
         self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("ids", torch.full((size,), EMPTY, dtype=torch.long))
+        # ``ptr`` mirrored on the host, so that a step never waits for the device to read it.
+        self._cursor = 0
+        self.register_load_state_dict_pre_hook(KeyQueue._read_cursor)
+
+    def _read_cursor(self, state_dict: dict[str, Tensor], prefix: str, *_: object) -> None:
+        if prefix + "ptr" in state_dict:
+            self._cursor = int(state_dict[prefix + "ptr"])
 
     @property
     def size(self) -> int:
@@ -112,7 +119,7 @@ class KeyQueue(nn.Module):
         batch_size = int(keys.shape[0])
         if ids is None:
             ids = torch.full((batch_size,), UNKNOWN, dtype=torch.long)
-        elif ids.shape != (batch_size,) or ids.is_floating_point() or bool((ids < 0).any()):
+        elif ids.shape != (batch_size,) or ids.is_floating_point() or _has_negative(ids):
             raise ValueError(
                 f"KeyQueue.enqueue expects {batch_size} image ids >= 0, one per key, got "
                 f"{ids.dtype} of shape {tuple(ids.shape)}."
@@ -120,7 +127,8 @@ class KeyQueue(nn.Module):
         if batch_size == 0:
             return
         size = self.size
-        start = int(self.ptr)
+        start = self._cursor
+        end = (start + batch_size) % size
         keys = keys.detach().to(device=self.keys.device, dtype=self.keys.dtype)
         ids = ids.to(device=self.ids.device, dtype=torch.long)
         if batch_size > size:
@@ -134,7 +142,14 @@ class KeyQueue(nn.Module):
         if head < n:
             self.keys[: n - head] = keys[head:]
             self.ids[: n - head] = ids[head:]
-        self.ptr.fill_((int(self.ptr) + batch_size) % size)
+        self._cursor = end
+        self.ptr.fill_(end)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}"
+
+
+def _has_negative(ids: Tensor) -> bool:
+    """Whether ``ids`` holds a negative id; checked on the host only, since reading a device
+    tensor would make every training step wait for the device."""
+    return ids.device.type == "cpu" and bool((ids < 0).any())

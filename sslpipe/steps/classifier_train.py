@@ -42,13 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from sslpipe import distributed, retrain_guard
+from sslpipe import distributed, retrain_guard, tracking
 from sslpipe.classifier.augment import eval_transform, train_transform
 from sslpipe.classifier.backbones import resolve_backbone
 from sslpipe.classifier.model import ClassifierHead, ImageClassifier, save_classifier
@@ -69,7 +68,6 @@ from sslpipe.classifier.train import (
 from sslpipe.config import ClassifierConfig
 from sslpipe.io import atomic_path, read_optional_json, write_json
 from sslpipe.logs import get_logger
-from sslpipe.registry import configure_tracking, parent_run_tags
 
 log = get_logger("classifier_train")
 
@@ -378,27 +376,29 @@ def run_classifier_train(
 
 
 @contextlib.contextmanager
-def _tracking_run(state: TrainingState, main: bool) -> Iterator[Any]:
-    """The MLflow run on rank 0 (continued after a resume); None in the other processes."""
+def _tracking_run(tracker: tracking.Tracker, state: TrainingState, main: bool) -> Iterator[Any]:
+    """The tracking run on rank 0 (continued after a resume); None in the other processes."""
     if not main:
         yield None
         return
-    with mlflow.start_run(
+    with tracker.start_run(
         run_id=state.mlflow_run_id,
         run_name="classifier_train",
-        tags={"sslpipe.step": "classifier_train", **parent_run_tags()},
+        tags={"sslpipe.step": "classifier_train"},
     ) as run:
         yield run
 
 
-def _configure_tracking(env: distributed.DistEnv) -> None:
-    """``configure_tracking`` on rank 0 first: it may create the store and the experiment,
-    which the other processes only read (a registered backbone) once they exist."""
+def _configure_tracking(env: distributed.DistEnv) -> tracking.Tracker:
+    """The step's tracker, configured on rank 0 first: it may create the store and the
+    experiment, which the other processes only read (a registered backbone) once they exist."""
+    tracker = tracking.default_tracker()
     if env.is_main:
-        configure_tracking()
+        tracker.configure()
     distributed.barrier()
     if not env.is_main:
-        configure_tracking()
+        tracker.configure()
+    return tracker
 
 
 def _run(
@@ -418,7 +418,7 @@ def _run(
     data = read_labelled_data(data_dir)
     if data.ignored_rows:
         log.warning("%d manifest rows outside train/val/test are ignored", data.ignored_rows)
-    _configure_tracking(env)  # the registry lives where tracking points
+    tracker = _configure_tracking(env)  # the registry lives where tracking points
     backbone, spec, backbone_lineage = resolve_backbone(config.backbone, backbone_dir=backbone_dir)
     fingerprint = retrain_guard.data_fingerprint(data_dir)
     setup = _setup_fingerprint(config, _backbone_identity(backbone_lineage))
@@ -490,9 +490,9 @@ def _run(
         )
 
     selection = read_optional_json(data_dir / "selection.json")
-    with _tracking_run(state, main) as run:
+    with _tracking_run(tracker, state, main) as run:
         if main and state.mlflow_run_id is None:
-            mlflow.log_params(
+            run.log_params(
                 {
                     **config.model_dump(mode="json"),
                     "backbone_source": backbone_lineage["source"],
@@ -505,7 +505,7 @@ def _run(
                     **{f"num_{k}": v for k, v in num_images.items()},
                 }
             )
-        state.mlflow_run_id = run.info.run_id if run is not None else state.mlflow_run_id
+        state.mlflow_run_id = run.run_id if run is not None else state.mlflow_run_id
 
         while state.stage < len(stages):
             stage = stages[state.stage]
@@ -591,7 +591,7 @@ def _run(
                 }
                 state.history.append(row)
                 if main:
-                    mlflow.log_metrics(
+                    run.log_metrics(
                         {
                             k: float(v)
                             for k, v in row.items()
@@ -698,16 +698,16 @@ def _run(
         write_json(model_dir / HISTORY_FILE, state.history)
         write_json(model_dir / METRICS_FILE, metrics)
         plot_curves(model_dir / CURVES_FILE, state.history, title=f"classifier ({config.mode})")
-        mlflow.log_metrics(
+        run.log_metrics(
             {
                 "best_val_macro_f1": metrics["best_val_macro_f1"],
                 "best_val_accuracy": metrics["best_val_accuracy"],
                 "best_epoch": float(stopper.best_epoch),
             }
         )
-        mlflow.set_tags({"stopped_early": str(metrics["stopped_early"]).lower()})
+        run.set_tags({"stopped_early": str(metrics["stopped_early"]).lower()})
         for name in (CURVES_FILE, METRICS_FILE, HISTORY_FILE):
-            mlflow.log_artifact(str(model_dir / name))
+            run.log_artifact(model_dir / name)
         log.info(
             "best epoch %d (%s): val macro-F1 %.3f, accuracy %.3f; saved to %s",
             stopper.best_epoch,

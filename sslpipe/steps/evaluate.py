@@ -42,18 +42,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import mlflow
 import numpy as np
 import pandas as pd
 from sklearn.metrics import classification_report, confusion_matrix
 
+from sslpipe import tracking
 from sslpipe.config import EvaluateConfig
 from sslpipe.io import atomic_open, atomic_path, read_csv, read_json, write_csv, write_json
 from sslpipe.logs import get_logger
 from sslpipe.registry import (
     ModelReferenceError,
-    configure_tracking,
-    parent_run_tags,
     parse_reference,
     register_classifier,
     set_alias,
@@ -607,11 +605,11 @@ def run_evaluate(
 
     registered: dict[str, Any] | None = None
     if register:
-        configure_tracking()
-        with mlflow.start_run(
-            run_name="evaluate", tags={"sslpipe.step": "evaluate", **parent_run_tags()}
-        ):
+        tracker = tracking.MlflowTracker()  # the registry is MLflow's
+        tracker.configure()
+        with tracker.start_run(run_name="evaluate", tags={"sslpipe.step": "evaluate"}) as run:
             registered = _register(
+                run,
                 model_dir=model_dir,
                 model_name=model_name,
                 metrics=metrics,
@@ -622,7 +620,7 @@ def run_evaluate(
             )
             _write_outputs(output_dir, metrics, gate, registered, data, model, baselines)
             for name in OUTPUT_FILES:
-                mlflow.log_artifact(str(output_dir / name), artifact_path="evaluation")
+                run.log_artifact(output_dir / name, artifact_path="evaluation")
         log.info("registered %s (version %s)", registered["uri"], registered["version"])
     else:
         _write_outputs(output_dir, metrics, gate, None, data, model, baselines)
@@ -696,6 +694,7 @@ def _write_outputs(
 
 
 def _register(
+    run: tracking.TrackingRun,
     *,
     model_dir: Path,
     model_name: str,
@@ -705,9 +704,9 @@ def _register(
     model: dict[str, Any],
     baselines: Sequence[Baseline],
 ) -> dict[str, Any]:
-    """In the active run: log parameters and metrics, register the classifier with lineage
+    """In ``run``: log parameters and metrics, register the classifier with lineage
     tags, and set the ``candidate`` alias when the gate passed."""
-    mlflow.log_params(
+    run.log_params(
         {
             "model_name": model_name,
             "min_macro_f1": gate["min_macro_f1"],
@@ -716,7 +715,7 @@ def _register(
             **{b.key: str(b.dir) for b in baselines},
         }
     )
-    mlflow.log_metrics(run_metrics(metrics))
+    run.log_metrics(run_metrics(metrics))
     registered = register_classifier(
         model_dir,
         name=model_name,
@@ -730,7 +729,5 @@ def _register(
     if gate["passed"]:
         set_alias(model_name, registered["version"], CANDIDATE_ALIAS)
         alias = CANDIDATE_ALIAS
-    mlflow.set_tags(
-        {"gate.passed": str(gate["passed"]).lower(), "registered.uri": registered["uri"]}
-    )
+    run.set_tags({"gate.passed": str(gate["passed"]).lower(), "registered.uri": registered["uri"]})
     return {**registered, "alias": alias}

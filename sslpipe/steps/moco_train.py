@@ -27,7 +27,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,17 +36,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import mlflow
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
 
-from sslpipe import distributed, retrain_guard
+from sslpipe import distributed, retrain_guard, tracking
 from sslpipe.backbone_io import save_backbone
 from sslpipe.config import MocoConfig
 from sslpipe.io import atomic_path, read_csv, read_optional_json, write_json
 from sslpipe.logs import get_logger
 from sslpipe.moco import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     BackboneSpec,
     MoCo,
     TwoCropsTransform,
@@ -56,13 +58,11 @@ from sslpipe.moco import (
 )
 from sslpipe.moco.batch_augment import BatchMoCoV2Augment, crop_transform
 from sslpipe.moco.epochs import EpochOrder, SeededItems
+from sslpipe.moco.loading import LoaderPlan, loader_plan, views_plan
+from sslpipe.moco.packed_loader import PackedCropLoader
 from sslpipe.moco.split_bn import auto_splits
-from sslpipe.registry import (
-    configure_tracking,
-    download_model,
-    parent_run_tags,
-    register_backbone,
-)
+from sslpipe.packed_images import open_packed
+from sslpipe.registry import configure_tracking, download_model, register_backbone
 
 log = get_logger("moco_train")
 
@@ -70,6 +70,9 @@ EpochCallback = Callable[[int, torch.nn.Module], None]
 """``on_epoch(epoch, backbone)`` of :func:`run_moco_train`."""
 
 CHECKPOINT_FILE = "last.pt"
+RESUMABLE_CHANGES = frozenset({"num_workers", "views", "knn_every"})
+"""Settings a run may be resumed with other values of: they choose how the images are fed and
+watched, not what is trained. (``views`` changes the random stream, never the distribution.)"""
 
 
 class ImageFolderDataset(Dataset[Any]):
@@ -108,6 +111,7 @@ class TrainingState:
     losses: list[float] | None = None
     knn: list[float] | None = None
     mlflow_run_id: str | None = None
+    knn_epochs: list[int] | None = None  # the epochs ``knn`` was measured after (0: random init)
 
 
 def effective_sizes(config: MocoConfig, num_images: int, world_size: int = 1) -> tuple[int, int]:
@@ -202,24 +206,61 @@ def batch_augment(config: MocoConfig) -> BatchMoCoV2Augment:
 
 
 def _loader(
-    dataset: Dataset[Any],
-    order: EpochOrder,
-    batch: int,
-    workers: int,
-    *,
-    pin_memory: bool = False,
+    dataset: Dataset[Any], order: EpochOrder, batch: int, plan: LoaderPlan
 ) -> DataLoader[Any]:
-    """The loader of every epoch (``order.set_epoch`` before each): its workers live through
-    the run instead of being forked anew every epoch (:mod:`sslpipe.moco.epochs`)."""
+    """The streaming loader of every epoch (``order.set_epoch`` before each): its workers live
+    through the run instead of being forked anew every epoch (:mod:`sslpipe.moco.epochs`)."""
     return DataLoader(
         SeededItems(ViewsWithId(dataset), order.seed),
         batch_size=batch,
         sampler=order,
         drop_last=True,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        pin_memory=pin_memory,
+        num_workers=plan.workers,
+        persistent_workers=plan.workers > 0,
+        pin_memory=plan.pin_memory,
+        prefetch_factor=plan.prefetch_factor,
     )
+
+
+def _views_loader(
+    config: MocoConfig,
+    data_dir: Path,
+    paths: list[str],
+    dataset: Dataset[Any],
+    order: EpochOrder,
+    batch: int,
+    device: torch.device,
+) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The loader of the views' crops, packed or streaming (:mod:`sslpipe.moco.loading`),
+    logging what was chosen and why."""
+    packed = open_packed(data_dir, paths) if config.views != "stream" else "moco.views=stream"
+    plan = views_plan(config.views, packed, device)
+    if plan.source == "packed" and not isinstance(packed, str):
+        log.info("views: cut in batches from the packed images (%s)", plan.reason)
+        return PackedCropLoader(
+            packed,
+            order,
+            batch,
+            image_size=config.image_size,
+            min_scale=config.crop_min_scale,
+            device=device,
+            on_device=plan.on_device,
+        )
+    workers = loader_plan(config.num_workers, device, config.processes_per_node)
+    log.info(
+        "views: decoded from the JPEGs by %d DataLoader worker(s) (%s; %s)",
+        workers.workers,
+        plan.reason,
+        workers.reason,
+    )
+    return _loader(dataset, order, batch, workers)
+
+
+def uses_bf16(config: MocoConfig, device: torch.device) -> bool:
+    """Whether the training step runs under bf16 autocast (``moco.precision``)."""
+    if config.precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return config.precision == "bf16"
 
 
 def lr_at(config: MocoConfig, epoch: float, done: float = 0.0) -> float:
@@ -245,52 +286,81 @@ def _on(device: torch.device, x: torch.Tensor) -> torch.Tensor:
 
 def _train_epoch(
     model: MoCo,
-    loader: DataLoader[Any],
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     device: torch.device | None = None,
     augment: BatchMoCoV2Augment | None = None,
     lr_at: Callable[[float], float] | None = None,
+    bf16: bool = False,
 ) -> tuple[float, int]:
     """One pass over this process's images: (mean loss over all processes, steps).
 
     With ``augment``, the loader yields ``uint8`` crops and the rest of the MoCo v2 recipe
     runs here, batched, on ``device`` (see :mod:`sslpipe.moco.batch_augment`). With ``lr_at``,
-    step ``i`` of ``n`` trains at ``lr_at((i + 1) / n)``.
+    step ``i`` of ``n`` trains at ``lr_at((i + 1) / n)``. With ``bf16``, the forward pass runs
+    under bf16 autocast. The losses add up on the device: nothing in a step waits for it.
     """
     device = device or torch.device("cpu")
     model.train()
-    total, steps = 0.0, 0
+    total, steps = torch.zeros((), dtype=torch.float64, device=device), 0
+    count = len(loader)  # type: ignore[arg-type]
     for x_query, x_key, ids in loader:
         if lr_at is not None:
             for group in optimizer.param_groups:
-                group["lr"] = lr_at((steps + 1) / len(loader))
+                group["lr"] = lr_at((steps + 1) / count)
         if augment is not None:
             x_query = augment(x_query.to(device, non_blocking=True))
             x_key = augment(x_key.to(device, non_blocking=True))
-        loss = model(_on(device, x_query), _on(device, x_key), ids.to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(
+                _on(device, x_query), _on(device, x_key), ids.to(device, non_blocking=True)
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss.detach())
+        total += loss.detach()
         steps += 1
-    mean = torch.tensor([total / max(1, steps)], dtype=torch.float64, device=device)
+    mean = (total / max(1, steps)).reshape(1)
     return float(distributed.all_gather(mean).mean()), steps
+
+
+@torch.no_grad()
+def monitor_images(data_dir: Path, paths: list[str], image_size: int) -> torch.Tensor:
+    """The kNN monitor's images, decoded once: (N, 3, S, S) ``uint8``, as ``eval_transform``
+    sees them before it normalises (shorter side resized, centre crop)."""
+    steps = eval_transform(image_size).transforms[:3]  # RGB, resize, centre crop
+    dataset = ImageFolderDataset(data_dir, paths, T.Compose([*steps, T.PILToTensor()]))
+    return torch.cat(list(DataLoader(dataset, batch_size=256, num_workers=0)))
 
 
 @torch.no_grad()
 def knn_monitor(
     model: MoCo,
-    dataset: ImageFolderDataset,
+    images: torch.Tensor,
     labels: torch.Tensor,
     k: int,
     device: torch.device | None = None,
 ) -> float:
-    """Leave-one-out kNN top-1 of the labelled images on frozen backbone features."""
+    """Leave-one-out kNN top-1 of the labelled ``images`` (from :func:`monitor_images`) on
+    frozen backbone features, computed on ``device``."""
     device = device or torch.device("cpu")
     model.eval()
-    loader = DataLoader(dataset, batch_size=256, shuffle=False, num_workers=0)
-    features = torch.cat([model.embed(_on(device, x)).cpu() for x in loader])
-    return leave_one_out_knn_top1(features, labels, k=k)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    features = torch.cat(
+        [
+            model.embed(_on(device, batch).float().div_(255).sub_(mean).div_(std))
+            for batch in images.split(256)
+        ]
+    )
+    return leave_one_out_knn_top1(features, labels.to(device), k=k)
+
+
+def _monitored_after(config: MocoConfig, epoch: int) -> bool:
+    """Whether the kNN monitor runs after ``epoch`` (1, 2, ...): every ``knn_every``-th and
+    the last."""
+    every = config.knn_every
+    return epoch == config.epochs or (every > 0 and epoch % every == 0)
 
 
 def _save_checkpoint(
@@ -309,6 +379,7 @@ def _save_checkpoint(
         "epoch": state.epoch,
         "losses": state.losses,
         "knn": state.knn,
+        "knn_epochs": state.knn_epochs,
         "mlflow_run_id": state.mlflow_run_id,
         "config": config.model_dump(mode="json"),
         "world_size": world_size,
@@ -324,7 +395,11 @@ def _load_checkpoint(
     if not path.is_file():
         return None
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    saved, current = payload["config"], config.model_dump(mode="json")
+    # The machine-sized settings may differ on the machine that resumes.
+    saved, current = (
+        {k: v for k, v in c.items() if k not in RESUMABLE_CHANGES}
+        for c in (payload["config"], config.model_dump(mode="json"))
+    )
     if saved != current:
         changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
         raise ValueError(
@@ -334,12 +409,14 @@ def _load_checkpoint(
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     log.info("resuming from %s after epoch %d", path, payload["epoch"])
+    knn = payload["knn"]
+    knn_epochs = payload.get("knn_epochs") or list(range(len(knn or [])))
     return TrainingState(
-        payload["epoch"], payload["losses"], payload["knn"], payload["mlflow_run_id"]
+        payload["epoch"], payload["losses"], knn, payload["mlflow_run_id"], knn_epochs
     )
 
 
-def _plot_losses(path: Path, losses: list[float], knn: list[float]) -> None:
+def _plot_losses(path: Path, losses: list[float], knn: list[float], knn_epochs: list[int]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = range(1, len(losses) + 1)
     ax.plot(epochs, losses, marker="o", label="contrastive loss")
@@ -349,7 +426,7 @@ def _plot_losses(path: Path, losses: list[float], knn: list[float]) -> None:
     if knn:
         ax2 = ax.twinx()
         ax2.plot(
-            range(len(knn)),
+            knn_epochs,
             knn,
             color="tab:orange",
             marker="s",
@@ -366,8 +443,11 @@ def _plot_losses(path: Path, losses: list[float], knn: list[float]) -> None:
 
 
 def _setup_fingerprint(config: MocoConfig) -> str:
-    """What determines the backbone besides the data: every setting but the worker count."""
-    return retrain_guard.setup_fingerprint(config.model_dump(mode="json", exclude={"num_workers"}))
+    """What determines the backbone besides the data: every setting but those that only choose
+    how the images are fed and watched (:data:`RESUMABLE_CHANGES`)."""
+    return retrain_guard.setup_fingerprint(
+        config.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES))
+    )
 
 
 def _reuse_registered(model_dir: Path, decision: retrain_guard.GuardDecision) -> None:
@@ -432,6 +512,7 @@ def run_moco_train(
     Raises:
         ValueError: the data is too small, the checkpoint has another configuration, or the
             number of processes is not the configured one.
+        tracking.MlflowMissingError: ``register`` or ``skip_unchanged`` without MLflow.
     """
     env = distributed.DistEnv.from_env() if env is None else env
     expected = config.nodes * config.processes_per_node
@@ -442,6 +523,8 @@ def run_moco_train(
             f"with torchrun --nproc_per_node {config.processes_per_node} (the local executor "
             "does) or set nodes and processes_per_node to match"
         )
+    if register:  # before training, not after it
+        tracking.require_mlflow("moco_train with register=True (the model registry)")
     if skip_unchanged:
         reason = _guard(Path(data_dir), Path(model_dir), config, env.is_main)
         if reason is not None:
@@ -492,6 +575,7 @@ def _run(
         _load_checkpoint(checkpoint_dir, model, optimizer, config) if resume else None
     ) or TrainingState()
     losses, knn = list(state.losses or []), list(state.knn or [])
+    knn_epochs = list(state.knn_epochs or [])
     distributed.check_same_start(state.epoch, checkpoint_dir, device)
     model.distribute(device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -505,16 +589,16 @@ def _run(
     )
     labelled = manifest[manifest["label"] != ""]
     classes = sorted(set(labelled["label"]))
-    knn_set = ImageFolderDataset(
-        data_dir, list(labelled["path"]), eval_transform(config.image_size)
-    )
     knn_labels = torch.tensor([classes.index(c) for c in labelled["label"]], dtype=torch.long)
     monitor = main and len(classes) >= 2
+    knn_images = (
+        monitor_images(data_dir, list(labelled["path"]), config.image_size) if monitor else None
+    )
 
     selection = read_optional_json(data_dir / "selection.json")
     with _tracking_run(state, main) as run:
         if main and state.mlflow_run_id is None:
-            mlflow.log_params(
+            run.log_params(
                 {
                     **config.model_dump(mode="json"),
                     "effective_batch_size": batch,
@@ -524,10 +608,11 @@ def _run(
                     "num_images": len(manifest),
                 }
             )
-        state.mlflow_run_id = run.info.run_id if run is not None else state.mlflow_run_id
-        if monitor and not knn:
-            knn.append(knn_monitor(model, knn_set, knn_labels, config.knn_k, device))
-            mlflow.log_metric("knn_top1", knn[0], step=0)
+        state.mlflow_run_id = run.run_id if run is not None else state.mlflow_run_id
+        if knn_images is not None and not knn:
+            knn.append(knn_monitor(model, knn_images, knn_labels, config.knn_k, device))
+            knn_epochs.append(0)
+            run.log_metric("knn_top1", knn[0], step=0)
             log.info(
                 "epoch 0 (random init): kNN top-1 %.3f on %d labelled images", knn[0], len(labelled)
             )
@@ -542,9 +627,11 @@ def _run(
                 config.bn,
             )
         order = EpochOrder(train_set, seed=config.seed, rank=env.rank, world_size=env.world_size)
-        loader = _loader(
-            train_set, order, batch, config.num_workers, pin_memory=device.type == "cuda"
+        loader = _views_loader(
+            config, data_dir, list(manifest["path"]), train_set, order, batch, device
         )
+        bf16 = uses_bf16(config, device)
+        log.info("precision: %s", "bf16 autocast" if bf16 else "fp32")
         for epoch in range(state.epoch, config.epochs):
             # Seeding per epoch makes an epoch's shuffle and augmentations a function of
             # (seed, epoch, rank) alone, so a resumed run continues like an uninterrupted one:
@@ -559,6 +646,7 @@ def _run(
                 device,
                 augment,
                 lr_at=functools.partial(lr_at, config, epoch),
+                bf16=bf16,
             )
             lr = float(optimizer.param_groups[0]["lr"])
             seconds = time.perf_counter() - started
@@ -566,13 +654,15 @@ def _run(
             losses.append(loss)
             images = steps * batch * env.world_size
             metrics = {"loss": loss, "lr": lr, "images_per_s": images / seconds}
-            if monitor:
-                knn.append(knn_monitor(model, knn_set, knn_labels, config.knn_k, device))
+            if knn_images is not None and _monitored_after(config, epoch + 1):
+                knn.append(knn_monitor(model, knn_images, knn_labels, config.knn_k, device))
+                knn_epochs.append(epoch + 1)
                 metrics["knn_top1"] = knn[-1]
             state.epoch, state.losses, state.knn = epoch + 1, losses, knn
+            state.knn_epochs = knn_epochs
             if not main:
                 continue
-            mlflow.log_metrics(metrics, step=epoch + 1)
+            run.log_metrics(metrics, step=epoch + 1)
             log.info(
                 "epoch %d/%d: loss %.4f, lr %.4f, %.1f images/s%s",
                 epoch + 1,
@@ -580,7 +670,7 @@ def _run(
                 loss,
                 lr,
                 metrics["images_per_s"],
-                f", kNN top-1 {knn[-1]:.3f}" if monitor else "",
+                f", kNN top-1 {knn[-1]:.3f}" if "knn_top1" in metrics else "",
             )
             _save_checkpoint(checkpoint_dir, model, optimizer, state, config, env.world_size)
             if on_epoch is not None:
@@ -591,6 +681,7 @@ def _run(
             "final_loss": losses[-1],
             "losses": losses,
             "knn_top1": knn,
+            "knn_epochs": knn_epochs,
             "epochs": config.epochs,
             "num_images": len(manifest),
         }
@@ -604,16 +695,16 @@ def _run(
             "num_labelled": len(labelled),
             "data_fingerprint": retrain_guard.data_fingerprint(data_dir),
             "setup_fingerprint": _setup_fingerprint(config),
-            "mlflow_run_id": run.info.run_id,
+            "mlflow_run_id": run.run_id,
             "pipeline_run_id": os.environ.get("SSLPIPE_RUN_ID"),
         }
         spec = BackboneSpec(config.backbone, config.small_stem)
         save_backbone(
             model_dir, model.backbone, spec, image_size=config.image_size, lineage=lineage
         )
-        _plot_losses(model_dir / "loss_curve.png", losses, knn)
+        _plot_losses(model_dir / "loss_curve.png", losses, knn, knn_epochs)
         write_json(model_dir / "metrics.json", metrics_out)
-        mlflow.log_artifact(str(model_dir / "loss_curve.png"))
+        run.log_artifact(model_dir / "loss_curve.png")
         registered = None
         if register:
             registered = register_backbone(
@@ -629,15 +720,14 @@ def _run(
 
 @contextlib.contextmanager
 def _tracking_run(state: TrainingState, main: bool) -> Iterator[Any]:
-    """The MLflow run on rank 0 (continued after a resume); None in the other processes."""
+    """The tracking run on rank 0 (continued after a resume); None in the other processes."""
     if not main:
         yield None
         return
-    configure_tracking()
-    with mlflow.start_run(
-        run_id=state.mlflow_run_id,
-        run_name="moco_train",
-        tags={"sslpipe.step": "moco_train", **parent_run_tags()},
+    tracker = tracking.default_tracker()
+    tracker.configure()
+    with tracker.start_run(
+        run_id=state.mlflow_run_id, run_name="moco_train", tags={"sslpipe.step": "moco_train"}
     ) as run:
         yield run
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sslpipe.moco import KeyQueue
+from sslpipe.moco.queue import EMPTY
 
 
 def _rows(start: int, count: int, dim: int = 3) -> torch.Tensor:
@@ -148,3 +150,13 @@ def test_keys_enqueued_without_ids_are_negatives_of_every_query() -> None:
 def test_ids_that_are_not_one_non_negative_integer_per_key_are_rejected(ids: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="3 image ids >= 0, one per key"):
         KeyQueue(4, 3).enqueue(_rows(0, 3), ids)
+
+
+def test_a_loaded_queue_writes_where_the_saved_one_stopped() -> None:
+    saved = KeyQueue(8, 2)
+    saved.enqueue(F.normalize(torch.ones(5, 2), dim=1), torch.arange(5))
+    restored = KeyQueue(8, 2)
+    restored.load_state_dict(saved.state_dict())
+    restored.enqueue(F.normalize(torch.ones(2, 2), dim=1), torch.tensor([10, 11]))
+    assert restored.ids.tolist() == [0, 1, 2, 3, 4, 10, 11, EMPTY]
+    assert int(restored.ptr) == 7

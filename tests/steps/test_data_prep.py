@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from sslpipe.packed_images import open_packed
 from sslpipe.steps.data_prep import MANIFEST_COLUMNS, TooManySkippedError, run_data_prep
 from sslpipe.stores import StoreError
 
@@ -69,6 +71,21 @@ def test_good_images_are_resized_into_the_manifest(tiny_catalog: Any) -> None:
     assert stats["requested"] == 3 and stats["prepared"] == 3 and stats["skipped"] == {}
     assert stats["downloaded"] == 3 and stats["reused"] == 0
     assert read_csv(tiny_catalog.root / "data" / "skipped.csv").empty
+
+
+def test_the_images_are_also_packed_for_training_in_the_manifest_order(
+    broken_catalog: Any,
+) -> None:
+    ids_dir = write_ids(broken_catalog.root / "ids", [("wide.jpeg", ""), *GOOD])
+    prep(broken_catalog, ids_dir, image_size=12)
+    out = broken_catalog.root / "data"
+    manifest = read_csv(out / "manifest.csv")
+    packed = open_packed(out, list(manifest["path"]))
+    assert not isinstance(packed, str), packed
+    assert len(packed) == 4
+    for index, path in enumerate(manifest["path"]):
+        with Image.open(out / path) as image:
+            assert (packed.image(index) == np.asarray(image.convert("RGB"))).all()
 
 
 def test_the_shorter_side_is_the_image_size_for_any_aspect(broken_catalog: Any) -> None:

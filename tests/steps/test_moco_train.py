@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from sslpipe.config import MocoConfig
+from sslpipe.packed_images import write_packed
 from sslpipe.steps.moco_train import CHECKPOINT_FILE, effective_sizes, run_moco_train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -215,3 +216,72 @@ def test_the_learning_rate_warms_up_linearly_then_follows_the_cosine() -> None:
     assert lr_at(config, 5) == pytest.approx(0.05)
     no_warmup = MocoConfig(lr=0.1, epochs=10, warmup_epochs=0)
     assert lr_at(no_warmup, 0, 0.1) == pytest.approx(cosine(0.1))
+
+
+def pack(data: Path) -> Path:
+    """What data_prep writes beside the JPEGs: the images packed for training."""
+    write_packed(data, list(pd.read_csv(data / "manifest.csv")["path"]))
+    return data
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _crash_after_first_epoch(epoch: int, backbone: torch.nn.Module) -> None:
+    raise _Crash(f"stopped after epoch {epoch + 1}")
+
+
+def test_packed_images_are_trained_from_and_the_log_says_so(
+    tmp_path: Path, tracking: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = pack(make_data(tmp_path / "data"))
+    with caplog.at_level("INFO", logger="sslpipe"):
+        result = run_moco_train(
+            data_dir=data,
+            model_dir=tmp_path / "model",
+            checkpoint_dir=tmp_path / "ckpt",
+            config=MocoConfig(epochs=1, **SMALL),
+            register=False,
+        )
+    assert "views: cut in batches from the packed images" in caplog.text
+    assert "precision: fp32" in caplog.text
+    assert np.isfinite(result["metrics"]["final_loss"])
+
+
+def test_without_packed_images_the_jpegs_are_decoded_and_packed_can_be_required(
+    tmp_path: Path, tracking: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = make_data(tmp_path / "data")
+    common = {"data_dir": data, "checkpoint_dir": tmp_path / "ckpt", "register": False}
+    with caplog.at_level("INFO", logger="sslpipe"):
+        run_moco_train(model_dir=tmp_path / "m", config=MocoConfig(epochs=1, **SMALL), **common)
+    assert "views: decoded from the JPEGs by 0 DataLoader worker(s)" in caplog.text
+    with pytest.raises(ValueError, match="packed"):
+        run_moco_train(
+            model_dir=tmp_path / "m2",
+            config=MocoConfig(epochs=1, **{**SMALL, "views": "packed"}),
+            resume=False,
+            **common,
+        )
+
+
+def test_a_run_stopped_on_the_packed_path_resumes_to_the_same_weights(
+    tmp_path: Path, tracking: str
+) -> None:
+    data = pack(make_data(tmp_path / "data"))
+    config = MocoConfig(epochs=2, **SMALL)
+    common = {"data_dir": data, "config": config, "register": False}
+    run_moco_train(model_dir=tmp_path / "straight", checkpoint_dir=tmp_path / "c1", **common)
+    with pytest.raises(_Crash):
+        run_moco_train(
+            model_dir=tmp_path / "resumed",
+            checkpoint_dir=tmp_path / "c2",
+            on_epoch=_crash_after_first_epoch,
+            **common,
+        )
+    run_moco_train(model_dir=tmp_path / "resumed", checkpoint_dir=tmp_path / "c2", **common)
+    straight = backbone_weights(tmp_path / "straight")
+    resumed = backbone_weights(tmp_path / "resumed")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
