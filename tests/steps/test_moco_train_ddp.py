@@ -17,7 +17,7 @@ import torch
 from sslpipe.config import MocoConfig
 from sslpipe.distributed import DistEnv
 from sslpipe.steps.moco_train import CHECKPOINT_FILE, effective_sizes, run_moco_train
-from tests.steps.test_moco_train import SMALL, make_data
+from tests.steps.test_moco_train import SMALL, make_data, pack
 
 REPO = Path(__file__).resolve().parents[2]
 DDP = {**SMALL, "processes_per_node": 2, "epochs": 2}  # global batch 32, queue 64
@@ -155,3 +155,18 @@ def test_a_queue_that_is_not_a_multiple_of_the_global_batch_is_refused() -> None
 def test_too_few_images_per_process_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 2 images per process"):
         effective_sizes(MocoConfig(**SMALL), 5, world_size=4)
+
+
+def test_two_processes_train_from_the_packed_images_each_on_its_own_shard(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    data = pack(make_data(tmp_path / "data", count=160))
+    config = MocoConfig(**{**DDP, "epochs": 1})
+    output = run(torchrun_command(data, tmp_path / "m", tmp_path / "c", config), env)
+    assert "views: cut in batches from the packed images" in output
+    assert "data parallel over 2 processes (cpu)" in output
+    finished = checkpoint(tmp_path / "c")
+    assert (finished["epoch"], finished["world_size"]) == (1, 2)
+    # 160 images, 80 per process, 16 per process batch: 5 steps of the global batch of 32,
+    # every key enqueued once from both processes.
+    assert int(finished["model"]["queue.ptr"]) == (5 * 32) % config.queue_size
