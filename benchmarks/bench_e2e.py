@@ -1,9 +1,12 @@
-"""Row 5: end to end, README Quick start command 1 (issue 6).
+"""Row 5: end to end, README Quick start command 1 (issues 6 and 14).
 
 ``python execute.py --pipeline moco`` on a fresh workspace folder (``--set workspace=...``):
 the demo catalog is built into the empty store, then connect_db, data_prep and moco_train run
-as the local executor's subprocesses. There is no peer, so the baseline is the issue's budget
-of 10 minutes on 2 cores and the ratio is 600 s / wall time (above 1: within budget).
+as the local executor's subprocesses. There is no peer, so the baseline of the time row is the
+budget of 5 minutes on 2 cores and the ratio is 300 s / wall time (above 1: within budget).
+The second row is what the demo shows the user: the kNN monitor's top-1 on the labelled
+images after pre-training against the same network at random initialisation (met only when
+pre-training is better).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 from benchmarks.common import CACHE, ROOT, row
 
-BUDGET_S = 600.0
+BUDGET_S = 300.0
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
@@ -43,6 +46,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         tail = " / ".join(done.stderr.strip().splitlines()[-5:])
         raise RuntimeError(f"execute.py --pipeline moco failed (exit {done.returncode}): {tail}")
     steps = _step_seconds(workspace)
+    knn = _knn_monitor(workspace)
     shutil.rmtree(workspace, ignore_errors=True)
     return [
         row(
@@ -51,13 +55,33 @@ def run(quick: bool) -> list[dict[str, Any]]:
             baseline=BUDGET_S,
             unit="s",
             higher_is_better=False,
-            target="< 600 s (>= 1x)",
+            target="< 300 s (>= 1x)",
             met=seconds < BUDGET_S,
             notes="one run (wall time, demo catalog built into the empty workspace included); "
-            f"baseline = the issue's 10-minute budget{steps}; CPU time of all its processes "
+            f"baseline = the 5-minute budget{steps}; CPU time of all its processes "
             f"{cpu:.0f} s ({cpu / seconds:.2f} of {os.cpu_count()} cores busy on average)",
-        )
+        ),
+        row(
+            "5. end to end: the demo's kNN top-1 after pre-training (baseline: random init)",
+            project=knn[-1],
+            baseline=knn[0],
+            unit="top-1",
+            higher_is_better=True,
+            target="> random init",
+            met=knn[-1] > knn[0],
+            notes="moco_train's kNN monitor (leave-one-out, k=20, the labelled demo images) per "
+            f"epoch: {', '.join(f'{value:.3f}' for value in knn)}",
+        ),
     ]
+
+
+def _knn_monitor(workspace: Path) -> list[float]:
+    """The kNN monitor's top-1 per epoch (0: random init) from moco_train's metrics.json."""
+    found = sorted(workspace.glob("runs/*/moco_train/outputs/model/metrics.json"))
+    if not found:
+        raise RuntimeError(f"no moco_train metrics.json under {workspace}/runs")
+    knn: list[float] = json.loads(found[-1].read_text())["knn_top1"]
+    return knn
 
 
 def _children_cpu_s() -> float:

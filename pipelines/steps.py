@@ -73,6 +73,7 @@ def select_and_prepare(
         concurrency=prep.concurrency,
         max_skipped_fraction=prep.max_skipped_fraction,
         nodes=prep.nodes,
+        cache_max_mb=prep.cache_max_mb,
     )
     if prep.nodes > 1:
         data_prep.distribution = PyTorchDistribution(process_count_per_instance=1)

@@ -1,34 +1,105 @@
 """``python -m sslpipe COMMAND``: the commands beside the pipelines.
 
+``python -m sslpipe --help`` lists every command with a one-line description (the table is
+:data:`sslpipe.cli_parser.COMMANDS`); ``python -m sslpipe COMMAND --help`` describes one. Each
+command is run by the ``main(argv)`` of its module:
+
 - models (sslpipe/models_cli.py): ``promote``, ``predict``, ``embed``
-- data (sslpipe/data_cli.py): ``ingest``, ``install-udf``
+- the catalog (sslpipe/data_cli.py): ``ingest``, ``install-udf``
 - Label Studio (sslpipe/labelstudio/cli.py): ``sync-labels``, ``push-predictions``
 
 Pipelines run with ``python execute.py`` (sslpipe/cli.py).
 """
 
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-DATA_COMMANDS = ("ingest", "install-udf")
-LABEL_STUDIO_COMMANDS = ("sync-labels", "push-predictions")
+from sslpipe.cli_parser import BY_NAME, COMMANDS, PROG, Command, OneLineErrorParser
+
+TRACKING_URI = "--tracking-uri"
 
 
-def _entry(argv: Sequence[str]) -> Callable[[Sequence[str]], int]:
-    command = argv[0] if argv else ""
-    if command in DATA_COMMANDS:
-        from sslpipe.data_cli import main as data_main
+def _listing() -> str:
+    width = max(len(command.name) for command in COMMANDS) + 2
+    lines = ["commands:"]
+    for group in dict.fromkeys(command.group for command in COMMANDS):
+        lines.append(f"  {group}:")
+        lines += [
+            f"    {command.name:<{width}}{command.summary}"
+            for command in COMMANDS
+            if command.group == group
+        ]
+    return "\n".join(lines)
 
-        return data_main
-    if command in LABEL_STUDIO_COMMANDS:
-        from sslpipe.labelstudio.cli import main as label_studio_main
 
-        return label_studio_main
-    from sslpipe.models_cli import main as models_main
+def build_parser() -> argparse.ArgumentParser:
+    """The options before COMMAND (the command's own arguments go to its module's parser)."""
+    takers = ", ".join(c.name for c in COMMANDS if c.tracking_uri)
+    parser = OneLineErrorParser(
+        prog=PROG,
+        usage=f"{PROG} [-h] [{TRACKING_URI} URI] COMMAND [ARGUMENTS ...]",
+        description="The commands beside the pipelines (those run with `python execute.py`).\n\n"
+        + _listing(),
+        epilog=f"`{PROG} COMMAND --help` describes one command: its arguments and examples.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        TRACKING_URI,
+        metavar="URI",
+        help=f"the MLflow registry of {takers} (also accepted after the command)",
+    )
+    return parser
 
-    return models_main
+
+def _split(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``argv`` cut before the command name: the options before it and the rest."""
+    index = 0
+    while index < len(argv) and argv[index].startswith("-"):
+        index += 2 if argv[index] == TRACKING_URI else 1
+    return list(argv[:index]), list(argv[index:])
+
+
+def _unknown(name: str) -> str:
+    names = [command.name for command in COMMANDS]
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown command '{name}'{hint}. The commands are: {', '.join(names)}"
+
+
+def _command_argv(command: Command, rest: list[str], tracking_uri: str | None) -> list[str]:
+    if tracking_uri is None:
+        return [command.name, *rest]
+    if command.module == "sslpipe.models_cli":
+        return [TRACKING_URI, tracking_uri, command.name, *rest]
+    # After the name, so that a --tracking-uri given after it too (later) wins, as it does above.
+    return [command.name, TRACKING_URI, tracking_uri, *rest]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``python -m sslpipe`` with ``argv`` (default: the process's arguments)."""
+    parser = build_parser()
+    head, rest = _split(sys.argv[1:] if argv is None else argv)
+    options = parser.parse_args(head)  # --help, a bad option: printed, exits
+    if not rest:
+        parser.error(f"no command given. The commands are: {', '.join(BY_NAME)}")
+    name, *arguments = rest
+    command = BY_NAME.get(name)
+    if command is None:
+        parser.error(_unknown(name))
+    if options.tracking_uri is not None and not command.tracking_uri:
+        parser.error(
+            f"{TRACKING_URI} applies to "
+            f"{', '.join(c.name for c in COMMANDS if c.tracking_uri)}, not to {name}"
+        )
+    run = importlib.import_module(command.module).main
+    code: int = run(_command_argv(command, arguments, options.tracking_uri))
+    return code
 
 
 if __name__ == "__main__":
-    arguments = sys.argv[1:]
-    sys.exit(_entry(arguments)(arguments))
+    sys.exit(main())

@@ -181,14 +181,22 @@ def run_local(pipeline: str, config: PipelineConfig, args: argparse.Namespace) -
 
     from pipelines import PIPELINES
     from sslpipe.executor import LocalExecutor, PipelineGraph, StepFailedError
+    from sslpipe.executor.live import project_live_state
     from sslpipe.registry import configure_tracking
 
     graph = PipelineGraph.from_pipeline_job(PIPELINES[pipeline](config))
     library = Path(__file__).resolve().parent
     environment = _mlflow_environment(config)
+    # Registry references, the registry and cached weights are resolved as the run sees them.
+    live_state = project_live_state()
     if args.dry_run:
         executor = LocalExecutor(
-            config.workspace_dir, force_rerun=args.force_rerun, library_paths=[library], echo=_echo
+            config.workspace_dir,
+            force_rerun=args.force_rerun,
+            env=environment,
+            library_paths=[library],
+            echo=_echo,
+            live_state=live_state,
         )
         for step in executor.plan(graph):
             _print_plan_step(step)
@@ -217,6 +225,7 @@ def run_local(pipeline: str, config: PipelineConfig, args: argparse.Namespace) -
             env=environment,
             library_paths=[library],
             echo=_echo,
+            live_state=live_state,
         )
         try:
             record = executor.resume(run_id) if args.resume else executor.run(graph, run_id=run_id)
@@ -300,9 +309,36 @@ def run_schedules(
 
 
 def _print_plan_step(step: dict[str, Any]) -> None:
-    _echo(f"step {step.get('name')}: {'reuse' if step.get('would_reuse') else 'run'}")
+    """One step of ``--dry-run``: reuse (which run) or run (why), then the values it gets."""
+    if step.get("would_reuse"):
+        # A reuse after a step that always runs holds only if that step writes the same again.
+        assumes = "; ".join(step.get("assumes") or [])
+        decision = f"reuse run {step.get('reused_from')}" + (f", if {assumes}" if assumes else "")
+    else:
+        decision = f"run ({step.get('reason') or 'no cache key'})"
+    _echo(f"step {step.get('name')}: {decision}")
+    configured = step.get("configured") or {}
+    notes = step.get("notes") or {}
+    effective = step.get("effective") or {}
     for key, value in sorted((step.get("parameters") or {}).items()):
-        _echo(f"    {key} = {value}")
+        _echo(f"    {key} = {_plan_value(key, value, configured, notes, effective)}")
+
+
+def _plan_value(
+    key: str,
+    value: Any,
+    configured: dict[str, Any],
+    notes: dict[str, str],
+    effective: dict[str, Any],
+) -> str:
+    """The value a step will use, and where it differs from the configured one, why."""
+    if key in effective:
+        return f"{effective[key].value} ({effective[key].why})"
+    if key in configured:
+        return f"{value} (configured {configured[key]})"
+    if key in notes:
+        return f"{value} ({notes[key]})"
+    return str(value)
 
 
 def _print_summary(config: PipelineConfig, record: Any) -> None:
@@ -320,12 +356,22 @@ def _print_summary(config: PipelineConfig, record: Any) -> None:
                 _echo(f"[sslpipe] report: {report}")
             registered = Path(path) / "registered_model.json"
             if registered.is_file():
-                info = read_json(registered)
-                alias = f" (alias @{info['alias']})" if info.get("alias") else ""
-                _echo(
-                    f"[sslpipe] registered model {info['name']} version {info['version']}{alias}: "
-                    f"{info['uri']} (tracking: {config.tracking_uri})"
-                )
+                _print_registered(config, step, read_json(registered))
+
+
+def _print_registered(config: PipelineConfig, step: Any, info: dict[str, Any]) -> None:
+    """The model a step registered, or, when the step was reused, the one it registered then:
+    a reused step registers nothing, and saying so keeps users from looking for a new version."""
+    alias = f" (alias @{info['alias']})" if info.get("alias") else ""
+    model = f"model {info['name']} version {info['version']}{alias}"
+    where = f"{info['uri']} (tracking: {config.tracking_uri})"
+    if step.status == "reused":
+        _echo(
+            f"[sslpipe] {step.name} reused run {step.reused_from}, so nothing was registered "
+            f"now; it reuses {model}, registered by that run: {where}"
+        )
+    else:
+        _echo(f"[sslpipe] registered {model}: {where}")
 
 
 def _print_knn_gain(step: str, metrics_file: Path) -> None:

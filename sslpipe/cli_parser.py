@@ -1,10 +1,19 @@
-"""The argument parser of the ``python -m sslpipe`` commands: usage errors are one line."""
+"""The ``python -m sslpipe`` commands: their table, and a parser whose usage errors are one line.
+
+:data:`COMMANDS` is the one list of every command (name, the module whose ``main(argv)`` runs
+it, a one-line summary). ``python -m sslpipe --help`` prints it without importing those
+modules; each module's parser takes its commands' help from it (:func:`summary`), and a test
+checks that the table and the modules' parsers name the same commands.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+PROG = "python -m sslpipe"
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -13,3 +22,95 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    module: str  # its ``main(argv)`` runs the command, ``argv`` starting with the name
+    group: str  # heading in ``python -m sslpipe --help``
+    summary: str  # one line: the command's help in every listing
+    tracking_uri: bool = False  # takes ``--tracking-uri`` (also before the command name)
+
+
+MODELS = "registered models (MLflow registry)"
+CATALOG = "the catalog (metadata and blob stores)"
+LABEL_STUDIO = "Label Studio"
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "promote",
+        "sslpipe.models_cli",
+        MODELS,
+        "set an alias (default: production) on a model version",
+        tracking_uri=True,
+    ),
+    Command(
+        "predict",
+        "sslpipe.models_cli",
+        MODELS,
+        "label every image in a folder with a registered classifier",
+        tracking_uri=True,
+    ),
+    Command(
+        "embed",
+        "sslpipe.models_cli",
+        MODELS,
+        "embeddings of every image in a folder with a registered backbone",
+        tracking_uri=True,
+    ),
+    Command(
+        "ingest",
+        "sslpipe.data_cli",
+        CATALOG,
+        "load a folder of images and a JSON-lines file of documents into the stores",
+    ),
+    Command(
+        "install-udf",
+        "sslpipe.data_cli",
+        CATALOG,
+        "create or update the Cosmos DB UDF filterDocumentsByLabels (the seed's filter)",
+    ),
+    Command(
+        "sync-labels",
+        "sslpipe.labelstudio.cli",
+        LABEL_STUDIO,
+        "set the documents' labels from a Label Studio project's annotations",
+    ),
+    Command(
+        "push-predictions",
+        "sslpipe.labelstudio.cli",
+        LABEL_STUDIO,
+        "a registered classifier's predictions into a project as pre-annotations",
+        tracking_uri=True,
+    ),
+)
+BY_NAME = {command.name: command for command in COMMANDS}
+
+
+def summary(name: str) -> str:
+    """The one-line description of command ``name``."""
+    return BY_NAME[name].summary
+
+
+def command_parser(
+    commands: Any,  # what ``add_subparsers`` returned
+    name: str,
+    *,
+    examples: tuple[str, ...] = (),
+    notes: str = "",
+    parents: tuple[argparse.ArgumentParser, ...] = (),
+) -> argparse.ArgumentParser:
+    """Add command ``name`` to ``commands``: its summary is the help in the listing and the
+    description of ``python -m sslpipe NAME --help``, followed by its examples."""
+    sections = ["\n".join(["examples:", *(f"  {e}" for e in examples)])] if examples else []
+    epilog = "\n\n".join([*sections, *([notes] if notes else [])])
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name,
+        help=summary(name),
+        description=f"{summary(name)}.",
+        epilog=epilog or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=list(parents),
+    )
+    return parser

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sslpipe.cli_parser import OneLineErrorParser
+from sslpipe.cli_parser import PROG, OneLineErrorParser, command_parser
 from sslpipe.config import ConfigError, PipelineConfig, load_config
 from sslpipe.ingest import IngestError, ingest_folder
 from sslpipe.logs import log_to_stderr
@@ -43,11 +43,23 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+STORES = """\
+stores: the configuration's stores.metadata_uri and stores.blob_uri (the embedded default in
+.sslpipe/ when unset); credentials from the environment or Azure identity
+exit codes: 0 success, 1 a store failed or documents were skipped, 2 bad argument or input"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="python -m sslpipe", description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
-    ingest = commands.add_parser(
-        "ingest", help="load a folder of images and a JSON-lines file of documents"
+    ingest = command_parser(
+        commands,
+        "ingest",
+        examples=(
+            f"{PROG} ingest --images photos/ --documents metadata.jsonl",
+            f"{PROG} ingest --images photos/ --documents docs.jsonl --config my.yaml",
+        ),
+        notes=STORES,
     )
     ingest.add_argument("--images", type=Path, required=True, help="folder of image files")
     ingest.add_argument(
@@ -58,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ingest.add_argument("--concurrency", type=int, default=16, help="parallel blob uploads")
     _config_arguments(ingest)
-    udf = commands.add_parser(
+    udf = command_parser(
+        commands,
         "install-udf",
-        help="create or update the Cosmos DB UDF filterDocumentsByLabels (the seed's filter)",
+        examples=(f"{PROG} install-udf --config configs/azure.yaml",),
+        notes=STORES,
     )
     _config_arguments(udf)
     return parser

@@ -2,6 +2,10 @@
 
 Commands whose stdout is a machine-readable report (``python -m sslpipe ingest`` and friends)
 call :func:`log_to_stderr` first, so that their log lines never mix into the report.
+
+:func:`quiet_third_party` turns down the INFO chatter of the libraries below us that says
+nothing to the user (MLflow creating the tables of a new SQLite store, alembic's migrations);
+their warnings and errors still come through.
 """
 
 from __future__ import annotations
@@ -22,6 +26,22 @@ def _configure(stream: TextIO) -> None:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     root.propagate = False
+
+
+# Loggers whose INFO lines are housekeeping: the tables of a new MLflow SQLite store
+# ("Creating initial MLflow database tables...", "Updating database tables") and alembic's
+# migrations of it ("Context impl SQLiteImpl.", "Running upgrade ...").
+QUIETED_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
+
+
+def quiet_third_party() -> None:
+    """Show only warnings and errors of :data:`QUIETED_LOGGERS`.
+
+    Call it after ``import mlflow``: older MLflow versions configure their loggers on import
+    with ``dictConfig``, which resets the levels of the loggers below ``mlflow``.
+    """
+    for name in QUIETED_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> logging.Logger:

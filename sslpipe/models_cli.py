@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sslpipe.cli_parser import OneLineErrorParser
+from sslpipe.cli_parser import PROG, OneLineErrorParser, command_parser
 
 DEFAULT_TRACKING_URI = "sqlite:///.sslpipe/mlflow.db"
 IMAGE_SUFFIXES = frozenset(
@@ -44,6 +44,10 @@ examples:
 
 exit codes: 0 success, 1 nothing could be predicted or embedded, 2 bad reference or argument
 """
+REFERENCES = """\
+models: name (latest version), name/3 or name@alias; registry: --tracking-uri, else
+$MLFLOW_TRACKING_URI, else sqlite:///.sslpipe/mlflow.db
+exit codes: 0 success, 1 nothing could be predicted or embedded, 2 bad reference or argument"""
 CHUNK = 256  # images handed to the model at once; bounds memory on large folders
 
 
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_TRACKING_URI})",
     )
     parser = OneLineErrorParser(
-        prog="python -m sslpipe",
+        prog=PROG,
         description="Promote registered models, predict labels and compute embeddings.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -68,14 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
 
-    promote = commands.add_parser(
-        "promote", parents=[common], help="set an alias (default: production) on a model version"
+    promote = command_parser(
+        commands,
+        "promote",
+        parents=(common,),
+        examples=(
+            f"{PROG} promote image-classifier@candidate            # -> @production",
+            f"{PROG} promote image-classifier/3 --alias staging",
+        ),
+        notes=REFERENCES,
     )
     promote.add_argument("model", metavar="MODEL_REF", help="name, name/3 or name@alias")
     promote.add_argument("--alias", default="production", help="alias to set (production)")
 
-    predict = commands.add_parser(
-        "predict", parents=[common], help="label every image in a folder with a classifier"
+    predict = command_parser(
+        commands,
+        "predict",
+        parents=(common,),
+        examples=(f"{PROG} predict image-classifier@production photos/ --output predictions.csv",),
+        notes=REFERENCES,
     )
     predict.add_argument("model", metavar="MODEL_REF", help="registered classifier")
     predict.add_argument("input", metavar="INPUT_FOLDER", type=Path, help="searched recursively")
@@ -86,8 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="CSV: path, label, confidence, probabilities (JSON), error",
     )
 
-    embed = commands.add_parser(
-        "embed", parents=[common], help="embeddings of every image in a folder with a backbone"
+    embed = command_parser(
+        commands,
+        "embed",
+        parents=(common,),
+        examples=(f"{PROG} embed moco-backbone photos/ --output embeddings.npz",),
+        notes=REFERENCES,
     )
     embed.add_argument("model", metavar="BACKBONE_REF", help="registered backbone")
     embed.add_argument("input", metavar="INPUT_FOLDER", type=Path, help="searched recursively")

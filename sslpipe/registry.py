@@ -16,9 +16,10 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from torch import nn
 
@@ -165,6 +166,40 @@ def register_classifier(
     )
 
 
+_PREDICT_HINT = "type hints to the `predict` method"
+
+
+@contextlib.contextmanager
+def _without_predict_hint() -> Iterator[None]:
+    """Drop MLflow's advice to add type hints to ``predict`` while our pyfunc classes are
+    defined (MLflow checks ``predict`` when a class is defined, in ``log_model`` or
+    ``load_model``): they take paths, bytes and arrays alike, so they have no hints on purpose.
+
+    MLflow raises the advice under its own ``simplefilter("once", UserWarning)``, which
+    overrides any filter of ours (it reached the step's ``log.txt`` with raw ANSI colour
+    codes), so it is dropped where warnings are shown, during this block only; every other
+    warning is shown as before.
+    """
+    show = warnings.showwarning
+
+    def showwarning(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if not (issubclass(category, UserWarning) and _PREDICT_HINT in str(message)):
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+
+
 def _register_pyfunc(
     model_dir: Path,
     *,
@@ -179,17 +214,16 @@ def _register_pyfunc(
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError(f"{caller} needs an active MLflow run")
-    # MLflow asks for type hints on predict; these models take paths, bytes and arrays alike.
-    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
-    info = mlflow.pyfunc.log_model(
-        name=artifact,
-        python_model=str(python_model),
-        artifacts={artifact: str(model_dir)},
-        code_paths=[str(Path(__file__).parent)],
-        pip_requirements=_PIP_REQUIREMENTS,
-        registered_model_name=name,
-        await_registration_for=0,
-    )
+    with _without_predict_hint():
+        info = mlflow.pyfunc.log_model(
+            name=artifact,
+            python_model=str(python_model),
+            artifacts={artifact: str(model_dir)},
+            code_paths=[str(Path(__file__).parent)],
+            pip_requirements=_PIP_REQUIREMENTS,
+            registered_model_name=name,
+            await_registration_for=0,
+        )
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
     for key, value in tags.items():
@@ -204,8 +238,13 @@ def _register_pyfunc(
     }
 
 
-def resolve_version(reference: str) -> tuple[str, str]:
+def resolve_version(reference: str, *, tracking_uri: str | None = None) -> tuple[str, str]:
     """``name`` | ``name/3`` | ``name@alias`` -> ``(name, version)`` of an existing version.
+
+    Args:
+        reference: the model reference.
+        tracking_uri: the registry to look in; None: the one MLflow is pointed at. A given
+            ``sqlite:`` store that does not exist yet is not created (it holds no model).
 
     Raises:
         ModelReferenceError: the reference is malformed, or the model, version or alias does
@@ -213,12 +252,11 @@ def resolve_version(reference: str) -> tuple[str, str]:
     """
     name, version, alias = parse_reference(reference)
     mlflow = _mlflow()
-    client = mlflow.MlflowClient()
-    versions = _versions(client, name)
-    if not versions:
-        raise ModelReferenceError(
-            f"no registered model named {name!r} in {mlflow.get_tracking_uri()}"
-        )
+    where = tracking_uri or mlflow.get_tracking_uri()
+    client = _client(tracking_uri)
+    versions = _versions(client, name) if client is not None else []
+    if client is None or not versions:
+        raise ModelReferenceError(f"no registered model named {name!r} in {where}")
     if alias:
         aliases = _aliases(client, name)
         if alias not in aliases:
@@ -236,6 +274,32 @@ def resolve_version(reference: str) -> tuple[str, str]:
             )
         return name, version
     return name, max(versions, key=int)
+
+
+def model_version_identity(
+    name: str, version: str, *, tracking_uri: str | None = None
+) -> dict[str, str]:
+    """What tells two same-numbered versions apart (in two registries, or in a registry wiped
+    and filled again): the MLflow run that logged the version and when it was created."""
+    client = _client(tracking_uri)
+    if client is None:
+        raise ModelReferenceError(f"no registered model named {name!r} in {tracking_uri}")
+    found = client.get_model_version(name, version)
+    return {"run_id": str(found.run_id or ""), "created": str(found.creation_timestamp or "")}
+
+
+def _client(tracking_uri: str | None) -> MlflowClient | None:
+    """A client of ``tracking_uri`` (None: MLflow's current one); None for a sqlite store that
+    does not exist, which MLflow would otherwise create just to find it empty."""
+    mlflow = _mlflow()
+    if tracking_uri is None:
+        return mlflow.MlflowClient()
+    if tracking_uri.startswith("sqlite:///"):
+        database = tracking_uri.removeprefix("sqlite:///").split("?")[0]
+        # sqlite:////abs/path.db is absolute, sqlite:///rel.db relative to the current folder.
+        if database not in ("", ":memory:") and not Path(database).is_file():
+            return None
+    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def _versions(client: MlflowClient, name: str) -> list[str]:
@@ -320,11 +384,10 @@ def _python_model_kind(model: Any) -> str:
 
 
 def _load_pyfunc(reference: str, uri: str) -> Any:
-    # MLflow asks for type hints on predict; these models take paths, bytes and arrays alike.
-    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
     mlflow = _mlflow()
     try:
-        return mlflow.pyfunc.load_model(uri)
+        with _without_predict_hint():
+            return mlflow.pyfunc.load_model(uri)
     except mlflow.exceptions.MlflowException as err:
         raise ModelReferenceError(f"cannot load {reference!r} ({uri}): {err.message}") from None
 

@@ -30,7 +30,7 @@ from types import ModuleType
 from typing import Any, Protocol
 
 from sslpipe.io import Journal, atomic_path
-from sslpipe.logs import get_logger
+from sslpipe.logs import get_logger, quiet_third_party
 
 log = get_logger("tracking")
 
@@ -47,16 +47,21 @@ class MlflowMissingError(ImportError):
 def require_mlflow(purpose: str) -> ModuleType:
     """The ``mlflow`` module, or an error naming ``purpose`` and the missing package.
 
+    MLflow's housekeeping INFO lines (a new SQLite store's tables) are turned down on the way
+    (:func:`sslpipe.logs.quiet_third_party`).
+
     Raises:
         MlflowMissingError: MLflow cannot be imported.
     """
     try:
-        return importlib.import_module("mlflow")
+        mlflow = importlib.import_module("mlflow")
     except ImportError as err:
         raise MlflowMissingError(
             f"{purpose} needs MLflow, and the package 'mlflow' is not installed ({err}); "
             "install it (pip install 'mlflow>=2.16') or run without the model registry"
         ) from err
+    quiet_third_party()  # before a store is opened: a new SQLite store logs its tables
+    return mlflow
 
 
 class TrackingRun(Protocol):

@@ -33,7 +33,8 @@ def test_defaults_are_valid_and_equal_the_models_defaults() -> None:
     assert config.filter == ImageFilter()
     assert config.data_prep == DataPrepConfig()
     assert config.moco == MocoConfig()
-    assert config.moco.epochs == 5 and config.moco.backbone == "resnet18"
+    assert config.moco.epochs == 15 and config.moco.backbone == "resnet18"
+    assert config.moco.image_size == config.classifier.image_size == 32
 
 
 def test_store_uris_default_into_the_workspace(tmp_path: Path) -> None:

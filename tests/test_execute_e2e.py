@@ -76,9 +76,26 @@ def test_every_step_line_is_prefixed_and_kept_in_the_step_log(first_run) -> None
     assert "epoch 1/1" in logs["moco_train"]
 
 
-def test_second_run_reuses_the_unchanged_steps_and_says_so(first_run) -> None:
+def test_the_console_says_why_each_step_runs_and_the_log_keeps_the_command(first_run) -> None:
+    workspace, result = first_run
+    assert "[moco_train] running (no earlier run of this step)" in result.stdout
+    assert "components.moco_train.main" not in result.stdout  # the ~1,000-character command
+    log = next(workspace.glob("runs/*/moco_train/log.txt")).read_text()
+    assert "# command: " in log and "components.moco_train.main --data " in log
+
+
+@pytest.fixture(scope="module")
+def second_run(
+    first_run,
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """A dry run after the first run, then the second run it describes."""
     workspace, _ = first_run
-    result = execute(workspace)
+    return execute(workspace, "--dry-run"), execute(workspace)
+
+
+def test_second_run_reuses_the_unchanged_steps_and_says_so(first_run, second_run) -> None:
+    workspace, _ = first_run
+    _, result = second_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "[data_prep] reused" in result.stdout
     assert "[moco_train] reused" in result.stdout
@@ -87,6 +104,40 @@ def test_second_run_reuses_the_unchanged_steps_and_says_so(first_run) -> None:
     steps = json.loads(latest.read_text())["steps"]
     assert steps["connect_db"]["status"] == "completed"  # reads a live store: never reused
     assert steps["data_prep"]["status"] == steps["moco_train"]["status"] == "reused"
+
+
+def test_the_dry_run_says_what_the_run_then_does_with_the_values_it_uses(
+    first_run, second_run
+) -> None:
+    workspace, _ = first_run
+    dry, result = second_run
+    assert dry.returncode == result.returncode == 0, dry.stderr[-2000:]
+    first_id, second_id = sorted(p.name for p in (workspace / "runs").iterdir())[:2]
+    steps = json.loads((workspace / "runs" / second_id / "run.json").read_text())["steps"]
+    planned = {
+        line.split(":")[0].removeprefix("step "): line.split(": ", 1)[1]
+        for line in dry.stdout.splitlines()
+        if line.startswith("step ")
+    }
+    assert planned["connect_db"] == "run (is_deterministic: false, always runs)"
+    for step in ("data_prep", "moco_train"):
+        assert planned[step] == (
+            f"reuse run {first_id}, if connect_db writes what it wrote in run {first_id}"
+        )
+        assert steps[step]["reused_from"] == first_id
+    # The queue the run uses: 64 images cannot fill the configured 4096 keys.
+    assert "    queue_size = 32 (configured 4096; 64 images support 32 keys" in dry.stdout
+
+
+def test_a_reused_training_says_that_it_registered_nothing(first_run, second_run) -> None:
+    workspace, _ = first_run
+    _, result = second_run
+    first_id = sorted(p.name for p in (workspace / "runs").iterdir())[0]
+    assert "registered model moco-backbone version 1" not in result.stdout
+    assert (
+        f"[sslpipe] moco_train reused run {first_id}, so nothing was registered now; it reuses "
+        "model moco-backbone version 1, registered by that run: models:/moco-backbone/1"
+    ) in result.stdout
 
 
 def test_registered_backbone_loads_in_a_fresh_process(first_run) -> None:
@@ -222,3 +273,35 @@ def test_a_failed_step_names_its_log_and_resume_continues_the_same_run(tmp_path:
     assert record["status"] == "completed"
     assert record["steps"]["data_prep"]["status"] == "completed"
     assert "registered model moco-backbone version 1" in resumed.stdout
+
+
+# A second version of the backbone, the way a new moco run registers one (same files here).
+REGISTER_AGAIN = """
+import mlflow
+client = mlflow.MlflowClient()
+first = client.get_model_version("moco-backbone", "1")
+print(client.create_model_version("moco-backbone", first.source, run_id=first.run_id).version)
+"""
+
+
+def test_a_new_backbone_version_retrains_the_classifier_on_it(first_run) -> None:
+    workspace, _ = first_run
+    tracking = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}"}
+    registered = subprocess.run(
+        [sys.executable, "-c", REGISTER_AGAIN], capture_output=True, text=True, env=tracking
+    )
+    assert registered.stdout.strip() == "2", registered.stderr[-2000:]
+    args = [sys.executable, "execute.py", "--pipeline", "classifier"]
+    for item in [f"workspace={workspace}", *CLASSIFIER]:  # classifier.backbone: @latest
+        args += ["--set", item]
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    latest = max((workspace / "runs").glob("*/run.json"), key=lambda p: p.stat().st_mtime)
+    steps = json.loads(latest.read_text())["steps"]
+    assert steps["classifier_train"]["status"] == steps["evaluate"]["status"] == "completed"
+    assert steps["classifier_train"]["parameters"]["backbone"] == "moco-backbone/2"
+    assert "[classifier_train] running (backbone moco-backbone/1 -> moco-backbone/2" in (
+        result.stdout
+    )
+    assert "registered model image-classifier version 2" in result.stdout

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -172,3 +175,86 @@ def test_nothing_predictable_exits_1_and_still_writes_the_csv(
     assert "no image could be predicted" in capsys.readouterr().err
     table = pd.read_csv(output, keep_default_na=False)
     assert table["path"].tolist() == ["bad.jpg"] and table["error"][0]
+
+
+# --- python -m sslpipe: one help for every command (issue 16, item 6) --------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+EVERY_COMMAND = (
+    "promote",
+    "predict",
+    "embed",
+    "ingest",
+    "install-udf",
+    "sync-labels",
+    "push-predictions",
+)
+
+
+def top_level_main(argv: list[str]) -> int:
+    """``python -m sslpipe`` in this process (imported here: a module without ``main`` fails
+    only the tests that need it)."""
+    entry = importlib.import_module("sslpipe.__main__")
+    code: int = entry.main(argv)
+    return code
+
+
+def test_the_help_lists_every_command_with_a_one_line_description(tmp_path: Path) -> None:
+    done = sslpipe("--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    listed = {
+        match.group(1): match.group(2)
+        for match in re.finditer(r"^ {2,}([a-z][a-z-]+) {2,}(\S.*)$", done.stdout, re.MULTILINE)
+    }
+    assert set(EVERY_COMMAND) <= set(listed), done.stdout
+    assert all(len(listed[name]) > 20 for name in EVERY_COMMAND), listed
+    assert "COMMAND --help" in done.stdout
+
+
+def test_every_command_the_readme_names_is_listed_and_run_by_its_module() -> None:
+    from sslpipe.cli_parser import COMMANDS
+
+    named = set(re.findall(r"python -m sslpipe ([a-z][a-z-]+)", README.read_text()))
+    assert named == set(EVERY_COMMAND) == {command.name for command in COMMANDS}
+    for module in {command.module for command in COMMANDS}:
+        parser = importlib.import_module(module).build_parser()
+        (subcommands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        assert set(subcommands.choices) == {c.name for c in COMMANDS if c.module == module}
+
+
+@pytest.mark.parametrize("name", EVERY_COMMAND)
+def test_every_command_has_its_own_help(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from sslpipe.cli_parser import summary
+
+    with pytest.raises(SystemExit) as exited:
+        top_level_main([name, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m sslpipe {name} ")
+    assert f"\n{summary(name)}.\n" in out  # the listing's line describes the command
+    assert f"examples:\n  python -m sslpipe {name} " in out
+
+
+def test_an_unknown_command_is_one_line_naming_every_command(tmp_path: Path) -> None:
+    done = sslpipe("promot", "image-classifier", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: unknown command 'promot' (did you mean 'promote'?)")
+    assert done.stderr.count("\n") == 1
+    assert all(name in done.stderr for name in EVERY_COMMAND)
+    nothing = sslpipe(cwd=tmp_path)
+    assert nothing.returncode == 2
+    assert nothing.stderr.startswith("error: no command given. The commands are: promote, ")
+
+
+def test_tracking_uri_before_the_command_goes_where_it_applies(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        top_level_main(["--tracking-uri", "sqlite:///x.db", "ingest", "--images", "."])
+    assert exited.value.code == 2
+    assert "--tracking-uri applies to promote, predict, embed, push-predictions, not to ingest" in (
+        capsys.readouterr().err
+    )
+    missing = f"sqlite:///{tmp_path / 'none.db'}"
+    assert top_level_main(["--tracking-uri", missing, "promote", "image-classifier"]) == 2
+    assert f"no MLflow store at {tmp_path / 'none.db'}" in capsys.readouterr().err

@@ -116,3 +116,65 @@ def test_the_local_dry_run_lists_the_baseline_branches(
     ]
     assert set(listed) == FULL_STEPS
     assert listed.index("scratch_evaluate") < listed.index("evaluate")
+
+
+def _registry_with_a_backbone(tmp_path: Path) -> str:
+    """The workspace's registry (tracking URI) with version 1 of moco-backbone."""
+    from mlflow.tracking import MlflowClient
+
+    uri = load_config(None, [f"workspace={tmp_path}"]).tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("moco-backbone")
+    client.create_model_version("moco-backbone", str(tmp_path))
+    return uri
+
+
+def test_the_local_run_pins_the_classifier_s_backbone_and_keys_the_registering_steps(
+    tmp_path: Path,
+) -> None:
+    from sslpipe.executor import LocalExecutor
+    from sslpipe.executor.live import project_live_state
+
+    uri = _registry_with_a_backbone(tmp_path)
+    config = load_config(None, [f"workspace={tmp_path}"])
+    executor = LocalExecutor(
+        tmp_path, env={"MLFLOW_TRACKING_URI": uri}, live_state=project_live_state()
+    )
+    classifier = {
+        p["name"]: p
+        for p in executor.plan(PipelineGraph.from_pipeline_job(PIPELINES["classifier"](config)))
+    }
+    assert classifier["classifier_train"]["parameters"]["backbone"] == "moco-backbone/1"
+    assert classifier["classifier_train"]["configured"] == {"backbone": "moco-backbone@latest"}
+
+    graph = full_graph(tmp_path)
+    resolver = project_live_state()
+
+    def key(step: str) -> dict[str, object]:
+        spec = graph.steps[step]
+        parameters = {n: b.value for n, b in spec.bindings.items() if isinstance(b, Literal)}
+        return resolver.resolve(spec, parameters, {"MLFLOW_TRACKING_URI": uri}).key
+
+    for step in ("moco_train", "evaluate"):  # they register: in this registry
+        assert key(step) == {"tracking_uri": uri}, step
+    assert key("classifier_train") == {}  # trains on moco_train's folder, not on a reference
+    assert key("baseline_evaluate") == key("scratch_evaluate") == {}  # registers nothing
+    # The seed's baseline loads torchvision's ImageNet weights when they are in the hub cache.
+    assert set(key("baseline_classifier_train")) == {"backbone.torchvision_weights"}
+
+
+def test_the_local_dry_run_says_when_the_classifier_would_fail_and_creates_no_registry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sslpipe.cli import main
+
+    code = main(["--pipeline", "classifier", "--dry-run", "--set", f"workspace={tmp_path}"])
+
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    train = next(line for line in lines if line.startswith("step classifier_train:"))
+    assert train.startswith(
+        "step classifier_train: run (would fail: input 'backbone' = 'moco-backbone@latest': "
+        "no registered model named 'moco-backbone' in sqlite:///"
+    )
+    assert not (tmp_path / "mlflow.db").exists()

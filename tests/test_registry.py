@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
 from classifier_testkit import (
     image_folder,
@@ -24,6 +25,7 @@ from sslpipe.registry import (
     load_classifier,
     load_embedder,
     model_uri,
+    model_version_identity,
     promote,
     resolve_version,
     set_alias,
@@ -166,3 +168,22 @@ def test_model_uri_keeps_its_grammar(store: Path) -> None:
     assert model_uri(f"{NAME}@any") == f"models:/{NAME}@any"
     with pytest.raises(ModelReferenceError, match="is not valid"):
         model_uri("@alias")
+
+
+def test_a_reference_resolves_in_the_registry_it_is_given(store: Path, tmp_path: Path) -> None:
+    """How the local executor pins a reference for a run, whatever MLflow points at now."""
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'other.db'}")
+        try:
+            assert resolve_version(f"{NAME}@candidate", tracking_uri=uri) == (NAME, "1")
+            identity = model_version_identity(NAME, "1", tracking_uri=uri)
+        finally:
+            mlflow.set_tracking_uri(uri)
+    assert identity["run_id"] and identity["created"]
+    # A registry that does not exist yet holds nothing, and is not created to find that out.
+    missing = tmp_path / "none" / "mlflow.db"
+    with pytest.raises(ModelReferenceError, match=f"no registered model named '{NAME}' in"):
+        resolve_version(NAME, tracking_uri=f"sqlite:///{missing}")
+    assert not missing.parent.exists()

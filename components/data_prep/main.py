@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from sslpipe.component_cli import run_component
+from sslpipe.image_cache import image_cache_dir
 from sslpipe.steps.data_prep import run_data_prep
 
 
@@ -17,6 +18,9 @@ def main(args: dict[str, Any]) -> None:
         concurrency=args["concurrency"],
         max_skipped_fraction=args["max_skipped_fraction"],
         nodes=args["nodes"],
+        # The local executor names the workspace's cache; Azure ML does not: no cache there.
+        image_cache=image_cache_dir(),
+        cache_max_bytes=args["cache_max_mb"] * 2**20,
     )
 
 

@@ -35,6 +35,7 @@ from sklearn.metrics import f1_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from sslpipe import progress
 from sslpipe.classifier.model import ImageClassifier
 from sslpipe.io import atomic_path, read_csv, read_json
 
@@ -208,6 +209,7 @@ def train_epoch(
     backbone_frozen: bool,
     trained: nn.Module | None = None,
     device: torch.device | None = None,
+    desc: str = "training",
 ) -> tuple[float, float]:
     """One pass over ``loader``; returns (mean loss, accuracy) on the training batches.
 
@@ -220,12 +222,13 @@ def train_epoch(
             ``DistributedDataParallel`` wrapper of that module, which averages the gradients
             over the processes.
         device: Where the batches go (the model must be there); None leaves them as loaded.
+        desc: What the progress display (:mod:`sslpipe.progress`) calls the pass.
     """
     set_train_mode(model, backbone_frozen=backbone_frozen)
     if trained is None:
         trained = model.head if backbone_frozen else model
     total_loss, correct, seen = 0.0, 0, 0
-    for batch_images, batch_targets in loader:
+    for batch_images, batch_targets in progress.bar(loader, desc=desc, unit="batch"):
         images, targets = _on(device, batch_images), _on(device, batch_targets)
         if backbone_frozen:
             with torch.no_grad():
@@ -247,15 +250,19 @@ def train_epoch(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: DataLoader[Any], device: torch.device | None = None
+    model: nn.Module,
+    loader: DataLoader[Any],
+    device: torch.device | None = None,
+    desc: str = "predicting",
 ) -> tuple[Tensor, Tensor]:
     """Logits (N, C) and targets (N,) of every item of ``loader``, model in eval mode.
 
     With a ``device`` the batches are computed there and the results returned on the CPU.
+    ``desc`` names the pass in the progress display (:mod:`sslpipe.progress`).
     """
     model.eval()
     logits, targets = [], []
-    for images, batch_targets in loader:
+    for images, batch_targets in progress.bar(loader, desc=desc, unit="batch"):
         batch_logits = model(_on(device, images))
         logits.append(batch_logits if device is None else batch_logits.cpu())
         targets.append(torch.as_tensor(batch_targets))
@@ -272,9 +279,11 @@ def evaluate(
     loader: DataLoader[Any],
     criterion: nn.Module,
     device: torch.device | None = None,
+    desc: str = "validation",
 ) -> dict[str, float]:
-    """``{"loss", "accuracy", "macro_f1"}`` of ``model`` on ``loader``."""
-    logits, targets = predict(model, loader, device)
+    """``{"loss", "accuracy", "macro_f1"}`` of ``model`` on ``loader`` (``desc``: the pass's
+    name in the progress display)."""
+    logits, targets = predict(model, loader, device, desc=desc)
     return scores(logits, targets, criterion)
 
 

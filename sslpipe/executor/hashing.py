@@ -30,19 +30,40 @@ def _is_skipped_code_entry(name: str, *, is_dir: bool) -> bool:
 def iter_files(root: Path, *, code_only: bool = False) -> Iterator[tuple[str, Path]]:
     """Yield ``(relative posix name, path)`` for every file under ``root``, sorted by name.
 
+    Symbolic links are followed, to folders as to files: a step reads through them, so an edit
+    under a linked folder must change the hash. A link back to a folder that is already being
+    walked (a cycle) is not descended into again, which keeps the walk finite.
+
     ``code_only`` skips ``__pycache__``, ``*.pyc`` and dot-folders (``.git``, ``.venv``...),
     whose contents change without the code changing.
     """
     entries: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    ancestors: dict[str, str] = {}  # walked folder -> its real path, to recognise cycles
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        ancestors[dirpath] = os.path.realpath(dirpath)
+        above = _real_ancestors(dirpath, root, ancestors)
         if code_only:
             # Pruning in place stops os.walk from descending into skipped folders at all.
             dirnames[:] = [d for d in dirnames if not _is_skipped_code_entry(d, is_dir=True)]
             filenames = [f for f in filenames if not _is_skipped_code_entry(f, is_dir=False)]
+        dirnames[:] = [
+            d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in above
+        ]
         for filename in filenames:
             path = Path(dirpath) / filename
             entries.append((path.relative_to(root).as_posix(), path))
     yield from sorted(entries)
+
+
+def _real_ancestors(dirpath: str, root: Path, ancestors: dict[str, str]) -> set[str]:
+    """Real paths of ``dirpath`` and of every walked folder above it, up to ``root``."""
+    found = set()
+    current = Path(dirpath)
+    while True:
+        found.add(ancestors.get(str(current)) or os.path.realpath(current))
+        if current == Path(root) or current == current.parent:
+            return found
+        current = current.parent
 
 
 def _hash_entries(entries: Iterable[tuple[str, Path]]) -> str:
@@ -51,9 +72,16 @@ def _hash_entries(entries: Iterable[tuple[str, Path]]) -> str:
     for name, path in entries:
         hasher.update(name.encode("utf-8"))
         hasher.update(b"\0")
-        hasher.update(hash_file(path).encode("ascii"))
+        hasher.update(_file_digest(path).encode("utf-8"))
         hasher.update(b"\n")
     return hasher.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    """A file's content hash; a dangling link's target, so that it counts without failing."""
+    if path.is_symlink() and not path.exists():
+        return "dangling link to " + os.readlink(path)
+    return hash_file(path)
 
 
 def hash_path(path: Path) -> str:

@@ -10,7 +10,11 @@ Layout under the workspace::
 
 A step is reused (not run) when it is deterministic and an earlier successful step had the
 same cache key: the same component spec, the same code (component folder + library paths),
-the same literal parameters and the same *content* of every input path.
+the same literal parameters, the same *content* of every input path (through symbolic links)
+and the same live state, pinned when the run starts (:mod:`sslpipe.executor.live`: the model
+version a registry reference names, the registry a step registers in, cached weights). When a
+step runs, the console says why (what changed since its latest run, from the run records:
+:mod:`sslpipe.executor.history`); its command goes to its log and the run record.
 
 A step whose component (or pipeline node) declares ``distribution: {type: pytorch,
 process_count_per_instance: N}`` with N > 1 runs under torchrun on this machine's cores or
@@ -47,13 +51,16 @@ from sslpipe.executor.graph import (
     UpstreamOutput,
 )
 from sslpipe.executor.hashing import hash_code, hash_path, hash_text
+from sslpipe.executor.history import RunHistory, explain_miss
+from sslpipe.executor.live import LiveState, LiveStateError, LiveStateResolver
 from sslpipe.executor.record import (
     DONE_STEP_STATUSES,
     RunRecord,
     StepRecord,
     utc_now,
 )
-from sslpipe.io import write_json
+from sslpipe.image_cache import IMAGE_CACHE_ENV
+from sslpipe.io import write_atomically, write_json
 
 CACHE_KEY_VERSION = 1
 """Bump when the cache key's recipe changes, so old cache entries stop matching."""
@@ -197,19 +204,25 @@ def compute_cache_key(
     code_hash: str,
     parameters: Mapping[str, Any],
     input_hashes: Mapping[str, str],
+    live: Mapping[str, Any] | None = None,
 ) -> str:
     """The reuse key of a step: what it runs, with which code, parameters and input data.
 
     Paths are deliberately absent: only the *content* of inputs counts, so the same data in
-    another run folder (or moved elsewhere) still hits the cache.
+    another run folder (or moved elsewhere) still hits the cache. ``live`` is the state outside
+    those (:class:`~sslpipe.executor.live.LiveState` ``key``: registry, model versions, cached
+    weights).
     """
-    payload = {
+    payload: dict[str, Any] = {
         "version": CACHE_KEY_VERSION,
         "component": step.component_spec(),
         "code": code_hash,
         "parameters": {k: parameters[k] for k in sorted(parameters)},
         "inputs": {k: input_hashes[k] for k in sorted(input_hashes)},
     }
+    if live:
+        # Only when there is some, so that the keys of steps without live state stay valid.
+        payload["live"] = {k: live[k] for k in sorted(live)}
     return hash_text(json.dumps(payload, sort_keys=True, default=str))
 
 
@@ -235,6 +248,7 @@ class _Prepared:
 
     parameters: dict[str, Any]
     inputs: dict[str, str]
+    live: LiveState = field(default_factory=LiveState)
     input_hashes: dict[str, str] = field(default_factory=dict)
     code_hash: str | None = None
     cache_key: str | None = None
@@ -259,6 +273,7 @@ class LocalExecutor:
         library_paths: Sequence[Path] = (),
         python: str = sys.executable,
         echo: Callable[[str], None] | None = None,
+        live_state: LiveStateResolver | None = None,
     ) -> None:
         """
         Args:
@@ -269,6 +284,9 @@ class LocalExecutor:
                 ``sslpipe`` package); part of every step's code hash.
             python: interpreter that replaces a leading ``python`` in commands.
             echo: receives console lines (default: ``print`` with flush).
+            live_state: resolves what steps depend on beyond their code, parameters and
+                inputs (registry references, registry, cached weights; see
+                :mod:`sslpipe.executor.live`); None: nothing.
         """
         self.workspace = Path(workspace).resolve()
         self.force_rerun = force_rerun
@@ -276,7 +294,9 @@ class LocalExecutor:
         self.library_paths = [Path(p).resolve() for p in library_paths]
         self.python = python
         self.echo = echo or _default_echo
+        self.live_state = live_state
         self._hash_memo: dict[str, str] = {}
+        self._history = RunHistory(self.runs_dir, pipeline=None)
 
     @property
     def runs_dir(self) -> Path:
@@ -356,20 +376,29 @@ class LocalExecutor:
     def plan(self, graph: PipelineGraph) -> list[dict[str, Any]]:
         """What :meth:`run` would do, without running anything (for ``--dry-run``).
 
-        Each entry has the step's ``name``, ``component``, ``parameters``, ``inputs`` (paths,
-        or ``<step>.<output>`` for outputs not produced yet), ``cache_key``, ``would_reuse``
-        (True, False, or None when it reads outputs of steps that would run first, whose content
-        is not known yet), ``reason`` and ``reused_outputs`` (the earlier outputs it would
-        take over).
+        Each entry has the step's ``name``, ``component``, ``parameters`` (the values the step
+        will get: registry references pinned), ``configured`` (the values those replaced),
+        ``notes`` (what the live state resolved to), ``effective`` (values the step will use
+        instead of its configured ones: name -> :class:`~sslpipe.executor.live.Effective`),
+        ``inputs`` (paths, or ``<step>.<output>`` for outputs not produced yet), ``cache_key``,
+        ``would_reuse`` (True, False, or None when it reads outputs of steps that would run
+        first, whose content is not known yet), ``reason``, ``reused_from`` (the run it would
+        reuse), ``reused_outputs`` (the earlier outputs it would take over) and ``assumes``
+        (sentences the decision rests on: a step that always runs writing what it wrote in an
+        earlier run with the same key, as connect_db does while the store is unchanged).
         """
         self._hash_memo = {}  # files may have changed since the last run or plan
+        self._history = RunHistory(self.runs_dir, pipeline=graph.name)
         known_outputs: dict[str, dict[str, str]] = {}
+        assumptions: dict[str, list[str]] = {}
         plan: list[dict[str, Any]] = []
         for step in graph.topological_order():
-            entry = self._plan_step(step, known_outputs)
+            entry = self._plan_step(step, known_outputs, assumptions)
             plan.append(entry)
-            if entry["would_reuse"] and entry["reused_outputs"]:
-                known_outputs[step.name] = entry["reused_outputs"]
+            outputs = entry["reused_outputs"] or entry.get("expected_outputs")
+            if outputs:
+                known_outputs[step.name] = outputs
+            assumptions[step.name] = entry["assumes"] + entry.get("assumption", [])
         return plan
 
     # ---- run loop
@@ -379,10 +408,12 @@ class LocalExecutor:
         record_path = run_dir / "run.json"
         record.save(record_path)
         self._hash_memo = {}  # inputs may change between runs; hashes are cached per run only
+        self._history = RunHistory(self.runs_dir, pipeline=record.pipeline, exclude=record.run_id)
         outputs = {
             n: dict(s.outputs) for n, s in record.steps.items() if s.status in DONE_STEP_STATUSES
         }
         try:
+            self._pin_live_states(graph, record)
             for step in graph.topological_order():
                 step_record = record.steps[step.name]
                 if step_record.status in DONE_STEP_STATUSES:
@@ -395,6 +426,48 @@ class LocalExecutor:
         record.save(record_path)
         self.echo(f"run {record.run_id}: completed ({run_dir})")
         return record
+
+    def _pin_live_states(self, graph: PipelineGraph, record: RunRecord) -> None:
+        """Resolve every pending step's live state before anything runs.
+
+        Pinned when the run starts, not when each step starts: the run then trains on the model
+        versions that existed when it started (what ``--dry-run`` showed), not on one that
+        another run registers meanwhile, and a bad reference fails before the first step.
+        A resumed run keeps what its start pinned (its checkpoints were made with it).
+
+        Raises:
+            StepFailedError: a step's live state cannot be resolved.
+        """
+        for step in graph.topological_order():
+            step_record = record.steps[step.name]
+            if step_record.status in DONE_STEP_STATUSES or step_record.live:
+                continue
+            try:
+                step_record.live = self._live_state(step).to_dict()
+            except LiveStateError as exc:
+                log_path = self._start_step(step, step_record, record)
+                write_atomically(log_path, f"error: {exc}\n".encode())
+                step_record.error = str(exc)
+                raise StepFailedError(
+                    step.name,
+                    None,
+                    log_path,
+                    tail=[str(exc)],
+                    reason=str(exc),
+                    run_id=record.run_id,
+                ) from exc
+        self._save(record)
+
+    def _live_state(self, step: StepSpec) -> LiveState:
+        """The step's live state now. Raises LiveStateError."""
+        if self.live_state is None:
+            return LiveState()
+        parameters = {
+            name: binding.value
+            for name, binding in step.bindings.items()
+            if isinstance(binding, Literal) and not step.inputs[name].is_path
+        }
+        return self.live_state.resolve(step, parameters, self._step_env(step))
 
     def _finish_failed(self, record: RunRecord, exc: BaseException) -> None:
         """Mark the running step failed and every later step skipped; save the record."""
@@ -424,9 +497,11 @@ class LocalExecutor:
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"# {utc_now()} step {step.name!r} of run {record.run_id}\n")
             try:
-                prepared = self._prepare(step, upstream, with_hashes=True)
+                live = LiveState.from_dict(step_record.live)
+                prepared = self._prepare(step, upstream, live=live, with_hashes=True)
                 _fill_prepared(step_record, prepared)
-                hit, why = self._reuse_decision(step, prepared.cache_key)
+                self._announce(step, live, log)
+                hit, why = self._reuse_decision(step, prepared)
                 if hit is not None:
                     self._reuse(step, step_record, hit, log)
                     self._end_step(step_record, record, started)
@@ -446,7 +521,9 @@ class LocalExecutor:
                 ) from exc
             step_record.outputs, step_record.argv = outputs, argv
             self._save(record)
-            self.echo(f"[{step.name}] running ({why}): {shlex.join(argv)}")
+            # The command (about a thousand characters for a training step) is in the log and
+            # in run.json; the console gets what a person acts on: that it runs, and why.
+            self.echo(f"[{step.name}] running ({why})")
             log.write(f"# cwd: {step.code_dir}\n# command: {shlex.join(argv)}\n# {why}\n")
             log.flush()
             step_record.returncode, tail = self._run_process(step, argv, log)
@@ -458,6 +535,12 @@ class LocalExecutor:
             self._remember(prepared.cache_key, record.run_id, step.name, outputs)
         self.echo(f"[{step.name}] completed in {step_record.duration_s:.1f}s")
         return outputs
+
+    def _announce(self, step: StepSpec, live: LiveState, log: IO[str]) -> None:
+        """Say what the live state resolved to (e.g. which backbone version is used)."""
+        for name, note in live.notes.items():
+            log.write(f"{name}: {note}\n")
+            self.echo(f"[{step.name}] {name}: {note}")
 
     def _start_step(self, step: StepSpec, step_record: StepRecord, record: RunRecord) -> Path:
         """Mark a step running (clearing an earlier attempt's results); return its log path."""
@@ -519,9 +602,11 @@ class LocalExecutor:
         step: StepSpec,
         upstream: Mapping[str, Mapping[str, str]],
         *,
+        live: LiveState,
         with_hashes: bool,
     ) -> _Prepared:
-        """Resolve a step's parameters and input paths; hash them when asked.
+        """Resolve a step's parameters (``live`` replaces some) and input paths; hash them when
+        asked.
 
         Raises:
             FileNotFoundError: when an input path does not exist.
@@ -536,7 +621,8 @@ class LocalExecutor:
                 inputs[name] = str(binding.value)
             else:
                 parameters[name] = binding.value
-        prepared = _Prepared(parameters=parameters, inputs=inputs)
+        parameters |= live.parameters
+        prepared = _Prepared(parameters=parameters, inputs=inputs, live=live)
         if not with_hashes:
             return prepared
         for name, path in inputs.items():
@@ -552,6 +638,7 @@ class LocalExecutor:
             code_hash=prepared.code_hash,
             parameters=parameters,
             input_hashes=prepared.input_hashes,
+            live=live.key,
         )
         return prepared
 
@@ -606,19 +693,26 @@ class LocalExecutor:
     # ---- reuse
 
     def _reuse_decision(
-        self, step: StepSpec, cache_key: str | None
+        self, step: StepSpec, prepared: _Prepared | None
     ) -> tuple[_CacheEntry | None, str]:
         """(cache entry to reuse or None, why the step runs)."""
         if not step.is_deterministic:
             return None, "is_deterministic: false, always runs"
         if self.force_rerun:
             return None, "force_rerun"
-        if cache_key is None:
+        if prepared is None or prepared.cache_key is None:
             return None, "no cache key"
-        entry = self._lookup(cache_key, step)
+        entry = self._lookup(prepared.cache_key, step)
         if entry is None:
-            return None, f"no reusable earlier run for cache key {_short(cache_key)}"
+            return None, self._why_miss(step, prepared)
         return entry, "reused"
+
+    def _why_miss(self, step: StepSpec, prepared: _Prepared) -> str:
+        """What changed since the step's latest earlier run (its run records say)."""
+        current = StepRecord(name=step.name, component=step.component_name)
+        _fill_prepared(current, prepared)
+        current.live = prepared.live.to_dict()
+        return explain_miss(current, self._history.latest(step.name))
 
     def _lookup(self, cache_key: str, step: StepSpec) -> _CacheEntry | None:
         """The cache entry for ``cache_key`` if its outputs still exist, else None."""
@@ -641,36 +735,71 @@ class LocalExecutor:
         )
 
     def _plan_step(
-        self, step: StepSpec, known_outputs: Mapping[str, Mapping[str, str]]
+        self,
+        step: StepSpec,
+        known_outputs: Mapping[str, Mapping[str, str]],
+        assumptions: Mapping[str, list[str]],
     ) -> dict[str, Any]:
         """One entry of :meth:`plan`: the decision :meth:`_run_step` would make, read-only."""
         waiting = [u for u in step.upstream_steps() if u not in known_outputs]
         placeholders = {u: {o: f"{u}.{o}" for o in _outputs_read(step, u)} for u in waiting}
-        prepared = self._prepare(step, {**known_outputs, **placeholders}, with_hashes=False)
-        entry: dict[str, Any] = {
-            "name": step.name,
-            "component": step.component_name,
-            "parameters": prepared.parameters,
-            "inputs": prepared.inputs,
-            "cache_key": None,
-            "would_reuse": None,
-            "reason": "",
-            "reused_outputs": None,
-        }
-        if not step.is_deterministic or self.force_rerun:
-            return entry | {"would_reuse": False, "reason": self._reuse_decision(step, None)[1]}
-        if waiting:
-            return entry | {"reason": f"reads outputs of {', '.join(waiting)}, which would run"}
+        assumes = sorted({a for u in step.upstream_steps() for a in assumptions.get(u, [])})
+        entry = _plan_entry(step, assumes)
         try:
-            prepared = self._prepare(step, known_outputs, with_hashes=True)
+            live = self._live_state(step)
+        except LiveStateError as exc:
+            return entry | {"would_reuse": False, "reason": f"would fail: {exc}"}
+        prepared = self._prepare(
+            step, {**known_outputs, **placeholders}, live=live, with_hashes=False
+        )
+        entry |= _planned_values(step, prepared)
+        if self.live_state is not None:
+            entry["effective"] = self.live_state.effective(
+                step, prepared.parameters, prepared.inputs
+            )
+        if waiting:
+            always = self.force_rerun or not step.is_deterministic
+            return entry | {
+                "would_reuse": False if always else None,
+                "reason": self._why_waiting(step, waiting),
+            }
+        try:
+            prepared = self._prepare(step, known_outputs, live=live, with_hashes=True)
         except FileNotFoundError as exc:
             return entry | {"would_reuse": False, "reason": f"would fail: {exc}"}
-        hit, why = self._reuse_decision(step, prepared.cache_key)
-        return entry | {
+        hit, why = self._reuse_decision(step, prepared)
+        entry |= {
             "cache_key": prepared.cache_key,
             "would_reuse": hit is not None,
             "reason": f"reused from run {hit.run_id}" if hit else why,
+            "reused_from": hit.run_id if hit else None,
             "reused_outputs": dict(hit.outputs) if hit else None,
+        }
+        if not step.is_deterministic and not self.force_rerun:
+            entry |= self._expected(step, prepared)
+        return entry
+
+    def _why_waiting(self, step: StepSpec, waiting: Sequence[str]) -> str:
+        """Why a step that reads outputs of steps that run first is expected to run."""
+        if self.force_rerun or not step.is_deterministic:
+            return self._reuse_decision(step, None)[1]
+        if self._history.latest(step.name) is None:
+            return "no earlier run of this step"
+        which = (
+            f"{waiting[0]}, which runs" if len(waiting) == 1 else f"{', '.join(waiting)}, which run"
+        )
+        return f"reads outputs of {which} first: reused only if they are the same files as before"
+
+    def _expected(self, step: StepSpec, prepared: _Prepared) -> dict[str, Any]:
+        """What a step that always runs is expected to write: its latest outputs for the same
+        key. The steps after it are planned on those, as the real run reuses them when the
+        step writes the same again (connect_db on an unchanged store)."""
+        earlier = self._history.with_key(step.name, prepared.cache_key or "")
+        if earlier is None:
+            return {}
+        return {
+            "expected_outputs": dict(earlier.record.outputs),
+            "assumption": [f"{step.name} writes what it wrote in run {earlier.run_id}"],
         }
 
     # ---- processes
@@ -683,6 +812,8 @@ class LocalExecutor:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // step.processes)))
         env.update(step.environment_variables)
         env.update(self.env)
+        # The workspace's image cache, shared by data_prep runs (sslpipe.image_cache).
+        env.setdefault(IMAGE_CACHE_ENV, str(self.cache_dir / "images"))
         return env
 
     def _run_process(self, step: StepSpec, argv: list[str], log: IO[str]) -> tuple[int, list[str]]:
@@ -732,6 +863,40 @@ def _terminate_on_error(process: subprocess.Popen[str]) -> Iterator[None]:
             process.kill()
             process.wait()
         raise
+
+
+def _plan_entry(step: StepSpec, assumes: list[str]) -> dict[str, Any]:
+    """A plan entry before anything is known about the step."""
+    return {
+        "name": step.name,
+        "component": step.component_name,
+        "parameters": {},
+        "configured": {},
+        "notes": {},
+        "effective": {},
+        "inputs": {},
+        "cache_key": None,
+        "would_reuse": None,
+        "reason": "",
+        "reused_from": None,
+        "reused_outputs": None,
+        "assumes": assumes,
+    }
+
+
+def _planned_values(step: StepSpec, prepared: _Prepared) -> dict[str, Any]:
+    """The parameters and inputs a step will get, and the configured values live state replaced."""
+    configured = {
+        name: binding.value
+        for name, binding in step.bindings.items()
+        if name in prepared.live.parameters and isinstance(binding, Literal)
+    }
+    return {
+        "parameters": prepared.parameters,
+        "configured": configured,
+        "notes": dict(prepared.live.notes),
+        "inputs": prepared.inputs,
+    }
 
 
 def _fill_prepared(step_record: StepRecord, prepared: _Prepared) -> None:

@@ -39,6 +39,9 @@ class StepRecord:
     cache_key: str | None = None
     code_hash: str | None = None
     input_hashes: dict[str, str] = field(default_factory=dict)
+    live: dict[str, Any] = field(default_factory=dict)
+    """State outside code, parameters and inputs, pinned when the run started (see
+    :mod:`sslpipe.executor.live`): replaced parameters, cache key part and notes."""
     reused_from: str | None = None
     started: str | None = None
     ended: str | None = None

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from sslpipe.cli_parser import OneLineErrorParser
+from sslpipe.cli_parser import PROG, OneLineErrorParser, command_parser
 from sslpipe.labelstudio.client import URL_ENV
 from sslpipe.labelstudio.tasks import DEFAULT_IMAGE_ID_FIELD
 from sslpipe.models_cli import UsageError
@@ -42,6 +42,7 @@ examples:
 environment: LABEL_STUDIO_API_KEY (the API token, required), LABEL_STUDIO_URL (default --url)
 exit codes: 0 success, 1 Label Studio, a store or the registry failed, 2 bad argument
 """
+NOTES = EPILOG.split("\n\n", 1)[1].rstrip()
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -58,19 +59,28 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
-        prog="python -m sslpipe",
+        prog=PROG,
         description="Sync Label Studio labels into the metadata store; push predictions back.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
-    sync = commands.add_parser(
-        "sync-labels", help="set the documents' labels from a project's annotations"
+    sync = command_parser(
+        commands,
+        "sync-labels",
+        examples=(
+            f"{PROG} sync-labels --project 3",
+            f"{PROG} sync-labels --project 3 --metadata-uri sqlite:///data/metadata.db",
+        ),
+        notes=NOTES,
     )
     _common(sync)
     sync.add_argument("--metadata-uri", help="metadata store (default: the configuration's)")
-    push = commands.add_parser(
-        "push-predictions", help="a registered classifier's predictions as pre-annotations"
+    push = command_parser(
+        commands,
+        "push-predictions",
+        examples=(f"{PROG} push-predictions --project 3 --model image-classifier@production",),
+        notes=NOTES,
     )
     _common(push)
     push.add_argument("--model", required=True, metavar="MODEL_REF", help="name, name/3, name@a")

@@ -208,7 +208,8 @@ def _validate_sharded(
     shard = Subset(dataset, range(rank, count, world))
     padded = torch.zeros(per_process, num_classes)
     if len(shard):
-        logits, _ = predict(model, _loader(shard, batch, workers, seed=None), device)
+        shard_loader = _loader(shard, batch, workers, seed=None)
+        logits, _ = predict(model, shard_loader, device, desc="validation")
         padded[: len(logits)] = logits
     gathered = distributed.all_gather(padded.to(device)).cpu()
     # gathered[r * per_process + i] holds image r + i * world.
@@ -221,9 +222,10 @@ def _validate_sharded(
 
 
 def _setup_fingerprint(config: ClassifierConfig, backbone: dict[str, Any]) -> str:
-    """What determines the classifier besides the data: its settings (but the worker count)
-    and the backbone it trains on (:func:`_backbone_identity`)."""
-    settings = config.model_dump(mode="json", exclude={"num_workers"})
+    """What determines the classifier besides the data: its settings (but the worker count,
+    and the backbone reference, which the local executor pins to a version: the backbone is
+    known by what it is, :func:`_backbone_identity`)."""
+    settings = config.model_dump(mode="json", exclude={"num_workers", "backbone"})
     return retrain_guard.setup_fingerprint({"config": settings, "backbone": backbone})
 
 
@@ -540,6 +542,8 @@ def _run(
                     )
                 )
                 started = time.perf_counter()
+                done = state.stage_epoch + 1
+                shown = f"epoch {state.epoch + 1} ({stage.name} {done}/{stage.epochs})"
                 train_loss, train_accuracy = train_epoch(
                     model,
                     loader,
@@ -548,6 +552,7 @@ def _run(
                     backbone_frozen=stage.backbone_frozen,
                     trained=replica,
                     device=device,
+                    desc=shown,
                 )
                 train_loss, train_accuracy = _mean_over_processes(
                     [train_loss, train_accuracy], device

@@ -16,6 +16,13 @@ without downloading its blob, when the previous manifest lists the same id with 
 blob_path and image_size, the image file is as that run left it, and the blob's ETag is
 unchanged (one conditional request per blob). Changing image_size therefore refetches all.
 
+Across runs (each in a new output folder) the same comes from the workspace's image cache
+(:mod:`sslpipe.image_cache`, ``image_cache``: the local executor passes
+``<workspace>/cache/images``; none on Azure ML): an image that is not in the output folder is
+asked for with the ETag of its cache entry, and the entry's resized image is copied when the
+blob is unchanged (counted as reused); every image resized is added to the cache. At the end
+the cache is pruned to ``cache_max_bytes``, least recently used entries first.
+
 A run that is killed (or loses its blob store) before it writes the manifest loses no finished
 image either: each image, once written, is appended to ``.progress.jsonl`` in the output folder
 (id, path, ETag, size, and the image file's size and modification time, so that a file changed
@@ -73,6 +80,7 @@ from typing import Any
 import pandas as pd
 
 from sslpipe.forked import Send, can_fork, run_forked
+from sslpipe.image_cache import DEFAULT_CACHE_MAX_MB, CachedImage, ImageCache, prune
 from sslpipe.images import UnusableImageError, write_resized
 from sslpipe.io import (
     Journal,
@@ -80,11 +88,13 @@ from sslpipe.io import (
     read_csv,
     read_journal,
     read_json,
+    write_atomically,
     write_csv,
     write_json,
 )
 from sslpipe.logs import get_logger
 from sslpipe.packed_images import write_packed
+from sslpipe.progress import bar as progress_bar
 from sslpipe.stores import BlobStore, open_blob_store
 from sslpipe.stores.base import BlobNotFoundError, StoreError
 from sslpipe.stores.local_blob import safe_blob_path
@@ -296,6 +306,7 @@ class _Job:
     previous: dict[str, Previous]
     concurrency: int  # downloads in flight in one event loop
     decoders: int = 1  # threads beside the event loop that decode, resize and write
+    cache: ImageCache | None = None  # the workspace's resized images, shared by runs
 
 
 @dataclass(frozen=True)
@@ -309,6 +320,7 @@ class _Downloaded:
     relative: str
     data: bytes
     etag: str
+    cached: CachedImage | None = None  # data is this cache entry's image: write it as it is
 
 
 # What a fetch reports: its outcome, and the journal line of an image it wrote (else None).
@@ -327,10 +339,13 @@ async def _download(job: _Job, row: dict[str, str]) -> Outcome | _Downloaded:
     relative = target.relative_to(job.out_dir).as_posix()
     before = job.previous.get(image_id)
     known = _known_etag(before, blob_path, relative, job.image_size)
+    cached = job.cache.get(blob_path) if known is None and job.cache is not None else None
     try:
-        data, etag = await job.store.read_if_changed(blob_path, known)
+        data, etag = await job.store.read_if_changed(blob_path, cached.etag if cached else known)
     except BlobNotFoundError as err:
         return Outcome(image_id, label, reason="missing_blob", detail=str(err))
+    if data is None and cached is not None:  # written by a decoding thread, off this loop
+        return _Downloaded(image_id, label, blob_path, target, relative, cached.jpeg, etag, cached)
     if data is None and before is not None:
         return Outcome(image_id, label, relative, before.width, before.height,
                        blob_path=blob_path, etag=etag, reused=True)  # fmt: skip
@@ -339,14 +354,24 @@ async def _download(job: _Job, row: dict[str, str]) -> Outcome | _Downloaded:
 
 
 def _decode(job: _Job, blob: _Downloaded) -> Report:
-    """Decode, resize and write a downloaded blob (in a decoding thread): its report."""
-    try:
-        width, height = write_resized(blob.data, blob.target, job.image_size)
-    except UnusableImageError as err:
-        failed = Outcome(blob.id, blob.label, reason=err.reason, detail=str(err), downloaded=True)
-        return failed, None
-    outcome = Outcome(blob.id, blob.label, blob.relative, width, height,
-                      blob_path=blob.blob_path, etag=blob.etag, downloaded=True)  # fmt: skip
+    """Decode, resize and write a downloaded blob (in a decoding thread), or write the cached
+    image it stands for: its report."""
+    if blob.cached is not None:
+        write_atomically(blob.target, blob.data)
+        width, height = blob.cached.width, blob.cached.height
+    else:
+        try:
+            width, height = write_resized(blob.data, blob.target, job.image_size)
+        except UnusableImageError as err:
+            failed = Outcome(blob.id, blob.label, reason=err.reason, detail=str(err),
+                             downloaded=True)  # fmt: skip
+            return failed, None
+        if job.cache is not None:  # the JPEG just written, read back from the page cache
+            resized = CachedImage(blob.etag, width, height, blob.target.read_bytes())
+            job.cache.put(blob.blob_path, resized)
+    downloaded = blob.cached is None
+    outcome = Outcome(blob.id, blob.label, blob.relative, width, height, blob_path=blob.blob_path,
+                      etag=blob.etag, downloaded=downloaded, reused=not downloaded)  # fmt: skip
     return outcome, _progress(outcome, job.out_dir, job.image_size)
 
 
@@ -445,21 +470,24 @@ def _fetch(
     decoding in ``processes`` threads.
     """
     outcomes: list[Outcome] = []
+    shown = progress_bar(desc="fetching", total=len(rows), unit="img")  # sslpipe.progress
 
     def record(report: Report) -> None:
         outcome, progress = report
         outcomes.append(outcome)
+        shown.update()
         if progress is not None:
             journal.append(progress)
 
     shares = concurrency_shares(job.concurrency, min(processes, len(rows)))
-    if len(shares) > 1 and can_fork():
-        log.info("%d fetching processes, downloads in flight: %s", len(shares),
-                 " + ".join(map(str, shares)))  # fmt: skip
-        shared = _SharedRows(rows)
-        run_forked(shares, partial(_fetch_share, job, shared), record, name="data_prep-fetch")
-        return outcomes
-    asyncio.run(_fetch_all(replace(job, decoders=max(1, processes)), rows, record))
+    with shown:
+        if len(shares) > 1 and can_fork():
+            log.info("%d fetching processes, downloads in flight: %s", len(shares),
+                     " + ".join(map(str, shares)))  # fmt: skip
+            shared = _SharedRows(rows)
+            run_forked(shares, partial(_fetch_share, job, shared), record, name="data_prep-fetch")
+            return outcomes
+        asyncio.run(_fetch_all(replace(job, decoders=max(1, processes)), rows, record))
     return outcomes
 
 
@@ -474,12 +502,15 @@ def run_data_prep(
     nodes: int = 1,
     environ: Mapping[str, str] | None = None,
     processes: int | None = None,
+    image_cache: Path | None = None,
+    cache_max_bytes: int = DEFAULT_CACHE_MAX_MB * 2**20,
 ) -> dict[str, Any]:
     """Fetch and resize every image in ``ids_dir/ids.csv``; returns the stats.
 
-    Images that an earlier run prepared in ``output_dir`` are reused when their blob is
-    unchanged (see the module docstring); ``stats["downloaded"]`` and ``stats["reused"]`` count
-    both kinds.
+    Images that an earlier run prepared in ``output_dir``, or that the image cache folder
+    ``image_cache`` holds (shared by runs, bounded by ``cache_max_bytes``; 0 or no folder: no
+    cache), are reused when their blob is unchanged (see the module docstring);
+    ``stats["downloaded"]`` and ``stats["reused"]`` count both kinds.
 
     With ``nodes`` > 1 this node fetches only its shard, found in the launcher's variables in
     ``environ`` (default ``os.environ``; see :func:`node_shard`), and writes its parts; the
@@ -536,9 +567,15 @@ def run_data_prep(
     previous |= journaled
     if previous:
         log.info("%d images of the previous run may be reused", len(previous))
-    job = _Job(store, output_dir, image_size, previous, concurrency)
+    cache = None
+    if image_cache is not None and cache_max_bytes > 0:
+        cache = ImageCache(image_cache, blob_uri, image_size, cache_max_bytes)
+        log.info("image cache: %s (at most %.0f MiB)", image_cache, cache_max_bytes / 2**20)
+    job = _Job(store, output_dir, image_size, previous, concurrency, cache=cache)
     with Journal(journal_path) as journal:
         outcomes = _fetch(job, rows, processes or min(concurrency, usable_cores()), journal)
+    if cache is not None:
+        _prune_cache(cache)
     outcomes += duplicates
     seconds = time.perf_counter() - started
     extra = table[["id", *(c for c in table.columns if c not in _NOT_PASSED)]]
@@ -562,6 +599,17 @@ def run_data_prep(
         return stats
     log.info("every shard of the run is complete: merging the %d parts", shard.count)
     return _finish(*merged, ids_dir, output_dir, max_skipped_fraction)
+
+
+def _prune_cache(cache: ImageCache) -> None:
+    """Bring the image cache back to its bound; a failure only costs later downloads."""
+    try:
+        done = prune(cache.root, cache.max_bytes)
+    except OSError as err:
+        log.warning("image cache: pruning %s failed: %s", cache.root, err)
+        return
+    log.info("image cache: %d images (%.1f MiB), %d least recently used removed",
+             done.kept, done.kept_bytes / 2**20, done.removed)  # fmt: skip
 
 
 def _duplicates(table: pd.DataFrame, repeated: pd.Series) -> list[Outcome]:

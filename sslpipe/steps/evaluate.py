@@ -57,7 +57,6 @@ from sslpipe.registry import (
     set_alias,
 )
 from sslpipe.retrain_guard import SKIPPED_FILE, read_skipped
-from sslpipe.serving.classifier import ClassifierPredictor
 
 log = get_logger("evaluate")
 
@@ -527,6 +526,9 @@ def run_evaluate(
                 "(letters, digits, '_', '-', '.'; starting with a letter or digit)"
             ) from None
     baselines = load_baselines({"baseline": baseline_dir, "baseline_scratch": baseline_scratch_dir})
+    # Imported here: defining the serving classes makes MLflow warn about type hints.
+    from sslpipe.serving.classifier import ClassifierPredictor
+
     predictor = ClassifierPredictor.from_dir(model_dir, batch_size=batch_size)
     config = predictor.config
     test = load_test_split(data_dir)

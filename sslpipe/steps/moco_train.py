@@ -41,7 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from sslpipe import distributed, retrain_guard, tracking
+from sslpipe import distributed, progress, retrain_guard, tracking
 from sslpipe.backbone_io import save_backbone
 from sslpipe.config import MocoConfig
 from sslpipe.io import atomic_path, read_csv, read_optional_json, write_json
@@ -292,19 +292,21 @@ def _train_epoch(
     augment: BatchMoCoV2Augment | None = None,
     lr_at: Callable[[float], float] | None = None,
     bf16: bool = False,
+    desc: str = "training",
 ) -> tuple[float, int]:
     """One pass over this process's images: (mean loss over all processes, steps).
 
     With ``augment``, the loader yields ``uint8`` crops and the rest of the MoCo v2 recipe
     runs here, batched, on ``device`` (see :mod:`sslpipe.moco.batch_augment`). With ``lr_at``,
     step ``i`` of ``n`` trains at ``lr_at((i + 1) / n)``. With ``bf16``, the forward pass runs
-    under bf16 autocast. The losses add up on the device: nothing in a step waits for it.
+    under bf16 autocast. The losses add up on the device: nothing in a step waits for it
+    (the progress shown as ``desc`` counts steps, and reads no tensor).
     """
     device = device or torch.device("cpu")
     model.train()
     total, steps = torch.zeros((), dtype=torch.float64, device=device), 0
     count = len(loader)  # type: ignore[arg-type]
-    for x_query, x_key, ids in loader:
+    for x_query, x_key, ids in progress.bar(loader, desc=desc, total=count, unit="batch"):
         if lr_at is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at((steps + 1) / count)
@@ -330,7 +332,13 @@ def monitor_images(data_dir: Path, paths: list[str], image_size: int) -> torch.T
     sees them before it normalises (shorter side resized, centre crop)."""
     steps = eval_transform(image_size).transforms[:3]  # RGB, resize, centre crop
     dataset = ImageFolderDataset(data_dir, paths, T.Compose([*steps, T.PILToTensor()]))
-    return torch.cat(list(DataLoader(dataset, batch_size=256, num_workers=0)))
+    batches = DataLoader(dataset, batch_size=256, num_workers=0)
+    decoded = []
+    with progress.bar(desc="kNN monitor: decoding", total=len(dataset), unit="img") as shown:
+        for batch in batches:
+            decoded.append(batch)
+            shown.update(len(batch))
+    return torch.cat(decoded)
 
 
 @torch.no_grad()
@@ -347,13 +355,12 @@ def knn_monitor(
     model.eval()
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    features = torch.cat(
-        [
-            model.embed(_on(device, batch).float().div_(255).sub_(mean).div_(std))
-            for batch in images.split(256)
-        ]
-    )
-    return leave_one_out_knn_top1(features, labels.to(device), k=k)
+    embedded = []
+    with progress.bar(desc="kNN monitor", total=len(images), unit="img") as shown:
+        for batch in images.split(256):
+            embedded.append(model.embed(_on(device, batch).float().div_(255).sub_(mean).div_(std)))
+            shown.update(len(batch))
+    return leave_one_out_knn_top1(torch.cat(embedded), labels.to(device), k=k)
 
 
 def _monitored_after(config: MocoConfig, epoch: int) -> bool:
@@ -647,6 +654,7 @@ def _run(
                 augment,
                 lr_at=functools.partial(lr_at, config, epoch),
                 bf16=bf16,
+                desc=f"epoch {epoch + 1}/{config.epochs}",
             )
             lr = float(optimizer.param_groups[0]["lr"])
             seconds = time.perf_counter() - started

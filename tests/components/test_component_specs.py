@@ -289,6 +289,7 @@ def test_moco_train_main_passes_every_config_field(monkeypatch: pytest.MonkeyPat
 
 
 def test_data_prep_main_passes_its_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSLPIPE_IMAGE_CACHE", raising=False)
     module = load_main("data_prep", monkeypatch, "data_prep", "run_data_prep")
     argv = ["--selection", "s", "--blob_uri", "file:///b", "--data", "o", "--image_size", "36"]
     run_component(spec_path("data_prep"), module.main, argv)
@@ -301,6 +302,8 @@ def test_data_prep_main_passes_its_flags(monkeypatch: pytest.MonkeyPatch) -> Non
             "concurrency": DataPrepConfig().concurrency,
             "max_skipped_fraction": DataPrepConfig().max_skipped_fraction,
             "nodes": 1,
+            "image_cache": None,  # SSLPIPE_IMAGE_CACHE unset, as on Azure ML
+            "cache_max_bytes": DataPrepConfig().cache_max_mb * 2**20,
         }
     ]
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sslpipe.executor.hashing import hash_code, hash_path
+from sslpipe.executor.hashing import hash_code, hash_path, iter_files
 
 
 def _tree(root: Path, files: dict[str, str]) -> Path:
@@ -57,3 +57,38 @@ def test_code_hash_changes_when_any_code_folder_changes(tmp_path: Path) -> None:
     (lib / "util.py").write_text("X = 2", encoding="utf-8")
 
     assert hash_code([code, lib]) != before
+
+
+def test_an_edit_under_a_symlinked_folder_changes_the_hash(tmp_path: Path) -> None:
+    shared = _tree(tmp_path / "shared", {"labels.json": '{"a": 1}'})
+    data = _tree(tmp_path / "data", {"manifest.csv": "id\n1\n"})
+    (data / "labels").symlink_to(shared, target_is_directory=True)
+    before = hash_path(data)
+
+    (shared / "labels.json").write_text('{"a": 2}', encoding="utf-8")
+
+    assert hash_path(data) != before
+    copy = _tree(tmp_path / "copy", {"manifest.csv": "id\n1\n", "labels/labels.json": '{"a": 2}'})
+    assert hash_path(data) == hash_path(copy)  # a link hashes as what it points at
+
+
+def test_a_symlink_cycle_is_walked_once(tmp_path: Path) -> None:
+    data = _tree(tmp_path / "data", {"sub/a.txt": "alpha"})
+    (data / "sub" / "back").symlink_to(data, target_is_directory=True)  # data/sub/back -> data
+    (data / "self").symlink_to(data / "sub", target_is_directory=True)  # data/self -> data/sub
+
+    names = [name for name, _ in iter_files(data)]
+
+    assert names == ["self/a.txt", "sub/a.txt"]  # finite: no walk back into a walked folder
+    assert hash_path(data) == hash_path(data)
+
+
+def test_code_under_a_symlinked_folder_is_part_of_the_code_hash(tmp_path: Path) -> None:
+    library = _tree(tmp_path / "library", {"util.py": "X = 1"})
+    code = _tree(tmp_path / "code", {"main.py": "print(1)"})
+    (code / "lib").symlink_to(library, target_is_directory=True)
+    before = hash_code([code])
+
+    (library / "util.py").write_text("X = 2", encoding="utf-8")
+
+    assert hash_code([code]) != before

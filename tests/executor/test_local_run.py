@@ -1,6 +1,7 @@
 """Running a graph: order, folders, command resolution, console and log, the run record."""
 
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -83,6 +84,19 @@ def test_step_output_goes_to_the_console_with_a_prefix_and_to_the_log(bench: Ben
     assert "[gate] gate: fresh" in bench.console.lines
     log = Path(record.steps["write"].log or "").read_text(encoding="utf-8")
     assert "message: hello world\n" in log
+
+
+def test_the_console_says_that_a_step_runs_and_why_and_the_log_keeps_its_command(
+    bench: Bench,
+) -> None:
+    record = bench.executor().run(bench.tiny_graph())
+
+    write = record.steps["write"]
+    assert "[write] running (no earlier run of this step)" in bench.console.lines
+    assert not [line for line in bench.console.lines if "writer.py" in line]
+    log = Path(write.log or "").read_text(encoding="utf-8")
+    assert f"# command: {shlex.join(write.argv)}\n" in log  # and run.json has the argv
+    assert write.argv[1] == "writer.py"
 
 
 def test_the_run_record_describes_the_run_and_every_step(bench: Bench) -> None:
