@@ -13,5 +13,5 @@ if ! .venv/bin/python infra/servers.py status > /dev/null 2>&1; then
     trap '.venv/bin/python infra/servers.py stop' EXIT
 fi
 .venv/bin/python infra/servers.py start
-echo "[test] pytest"
-.venv/bin/python -m pytest "$@"
+echo "[test] pytest (the 15 slowest tests are listed at the end)"
+.venv/bin/python -m pytest --durations=15 "$@"

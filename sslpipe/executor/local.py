@@ -447,15 +447,7 @@ class LocalExecutor:
             except LiveStateError as exc:
                 log_path = self._start_step(step, step_record, record)
                 write_atomically(log_path, f"error: {exc}\n".encode())
-                step_record.error = str(exc)
-                raise StepFailedError(
-                    step.name,
-                    None,
-                    log_path,
-                    tail=[str(exc)],
-                    reason=str(exc),
-                    run_id=record.run_id,
-                ) from exc
+                raise _not_started(step_record, log_path, record.run_id, exc) from exc
         self._save(record)
 
     def _live_state(self, step: StepSpec) -> LiveState:
@@ -510,15 +502,7 @@ class LocalExecutor:
                 argv = self._argv(step, prepared, outputs)
             except (FileNotFoundError, CommandError) as exc:
                 log.write(f"error: {exc}\n")
-                step_record.error = str(exc)
-                raise StepFailedError(
-                    step.name,
-                    None,
-                    log_path,
-                    tail=[str(exc)],
-                    reason=str(exc),
-                    run_id=record.run_id,
-                ) from exc
+                raise _not_started(step_record, log_path, record.run_id, exc) from exc
             step_record.outputs, step_record.argv = outputs, argv
             self._save(record)
             # The command (about a thousand characters for a training step) is in the log and
@@ -897,6 +881,16 @@ def _planned_values(step: StepSpec, prepared: _Prepared) -> dict[str, Any]:
         "notes": dict(prepared.live.notes),
         "inputs": prepared.inputs,
     }
+
+
+def _not_started(
+    step_record: StepRecord, log_path: Path, run_id: str, exc: Exception
+) -> StepFailedError:
+    """The failure of a step that could not start (its error is kept in its record)."""
+    step_record.error = str(exc)
+    return StepFailedError(
+        step_record.name, None, log_path, tail=[str(exc)], reason=str(exc), run_id=run_id
+    )
 
 
 def _fill_prepared(step_record: StepRecord, prepared: _Prepared) -> None:

@@ -7,13 +7,11 @@ two runs at once are real processes (the component's entry point, as the executo
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from multiprocessing import get_context
 from pathlib import Path
@@ -21,36 +19,23 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from azure.storage.blob import BlobServiceClient
 
 from sslpipe.image_cache import IMAGE_CACHE_ENV, CachedImage, ImageCache, main, prune
 from sslpipe.steps.data_prep import run_data_prep
-from sslpipe.stores.azure_blob import CONNECTION_STRING_ENV, AzureBlobStore
 from sslpipe.stores.base import BlobStore
-from sslpipe.stores.local_blob import LocalFolderBlobStore
+from tests.steps.blob_containers import CONTAINERS, BlobContainer, in_local_folder
 
 REPO = Path(__file__).resolve().parents[2]
 IDS = [f"img{i}.jpeg" for i in range(6)]
 SIZE = 24
 
 
-class Catalog:
+class Catalog(BlobContainer):
     """A blob container (local folder or Azurite), an id list and a cache folder."""
 
     def __init__(self, root: Path, blob_uri: str, open_store: Callable[[], BlobStore]) -> None:
-        self.root, self.blob_uri, self.open_store = root, blob_uri, open_store
+        super().__init__(root, blob_uri, open_store)
         self.cache = root / "workspace" / "cache" / "images"
-
-    def put(self, blobs: dict[str, bytes]) -> None:
-        async def scenario() -> None:
-            store = self.open_store()
-            try:
-                for name, data in blobs.items():
-                    await store.write(name, data)
-            finally:
-                await store.close()
-
-        asyncio.run(scenario())
 
     def ids(self, ids: list[str]) -> Path:
         ids_dir = self.root / "ids"
@@ -68,39 +53,12 @@ class Catalog:
                              output_dir=self.root / out, **kwargs)  # fmt: skip
 
 
-def _local(tmp_path: Path, request: pytest.FixtureRequest | None = None) -> Catalog:
-    folder = tmp_path / "blobs"
-    return Catalog(tmp_path, folder.as_uri(), lambda: LocalFolderBlobStore(folder))
-
-
-def _azure(tmp_path: Path, request: pytest.FixtureRequest) -> Catalog:
-    azurite = request.getfixturevalue("azurite")
-    request.getfixturevalue("monkeypatch").setenv(
-        CONNECTION_STRING_ENV, azurite["connection_string"]
-    )
-    container = f"cache-{uuid.uuid4().hex[:16]}"
-    uri = f"{azurite['blob_endpoint']}/{container}"
-
-    def drop() -> None:
-        with BlobServiceClient.from_connection_string(azurite["connection_string"]) as service:
-            service.delete_container(container)
-
-    AzureBlobStore.from_uri(uri, create=True)
-    request.addfinalizer(drop)
-    return Catalog(tmp_path, uri, lambda: AzureBlobStore.from_uri(uri))
-
-
-@pytest.fixture(
-    params=[
-        pytest.param(_local, id="local-folder"),
-        pytest.param(_azure, id="azure-blob", marks=pytest.mark.servers),
-    ]
-)
+@pytest.fixture(params=CONTAINERS)
 def catalog(
     request: pytest.FixtureRequest, tmp_path: Path, make_image: Callable[..., bytes]
 ) -> Iterator[Catalog]:
     """Six 40x30 images (32x24 at image_size 24), prepared once into ``first`` with the cache."""
-    made: Catalog = request.param(tmp_path, request)
+    made: Catalog = request.param(Catalog, tmp_path, request)
     made.put({name: make_image(color=(20 * i, 100, 50)) for i, name in enumerate(IDS)})
     stats = made.prep("first", IDS)
     assert (stats["downloaded"], stats["reused"], stats["prepared"]) == (6, 0, 6)
@@ -301,7 +259,7 @@ def _run_together(catalog: Catalog, outs: list[str]) -> list[dict[str, Any]]:
 def test_two_runs_at_once_share_the_cache_and_both_are_right(
     tmp_path: Path, make_image: Callable[..., bytes]
 ) -> None:
-    catalog = _local(tmp_path)
+    catalog = in_local_folder(Catalog, tmp_path)
     names = [f"n{i:02d}.jpeg" for i in range(COUNT)]
     catalog.put({n: make_image(size=(40 + i % 7, 30), color=(4 * i, 9, 90)) for i, n in
                  enumerate(names)})  # fmt: skip

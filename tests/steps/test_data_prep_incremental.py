@@ -5,52 +5,27 @@ Every scenario runs against the local folder store and against Azurite (conditio
 
 from __future__ import annotations
 
-import asyncio
 import json
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
-from azure.storage.blob import BlobServiceClient
 
 from sslpipe.steps.data_prep import MANIFEST_COLUMNS, TooManySkippedError, run_data_prep
-from sslpipe.stores.azure_blob import CONNECTION_STRING_ENV, AzureBlobStore
 from sslpipe.stores.base import BlobStore
-from sslpipe.stores.local_blob import LocalFolderBlobStore
+from tests.steps.blob_containers import CONTAINERS, BlobContainer
 
 IDS = [f"img{i}.jpeg" for i in range(6)]
 
 
-class Catalog:
+class Catalog(BlobContainer):
     """A blob container (local folder or Azurite) and an output folder for data_prep."""
 
     def __init__(self, root: Path, blob_uri: str, open_store: Callable[[], BlobStore]) -> None:
-        self.root, self.blob_uri, self.open_store = root, blob_uri, open_store
+        super().__init__(root, blob_uri, open_store)
         self.out = root / "data"
-
-    def put(self, blobs: dict[str, bytes]) -> None:
-        async def scenario() -> None:
-            store = self.open_store()
-            try:
-                for name, data in blobs.items():
-                    await store.write(name, data)
-            finally:
-                await store.close()
-
-        asyncio.run(scenario())
-
-    def etags(self) -> dict[str, str]:
-        async def scenario() -> dict[str, str]:
-            store = self.open_store()
-            try:
-                return {info.name: info.etag async for info in store.list()}
-            finally:
-                await store.close()
-
-        return asyncio.run(scenario())
 
     def prep(self, ids: list[str], **kwargs: Any) -> dict[str, Any]:
         ids_dir = self.root / "ids"
@@ -68,39 +43,12 @@ class Catalog:
         return {p.name: p.stat().st_mtime_ns for p in (self.out / "images").iterdir()}
 
 
-def _local(tmp_path: Path, request: pytest.FixtureRequest) -> Catalog:
-    folder = tmp_path / "blobs"
-    return Catalog(tmp_path, folder.as_uri(), lambda: LocalFolderBlobStore(folder))
-
-
-def _azure(tmp_path: Path, request: pytest.FixtureRequest) -> Catalog:
-    azurite = request.getfixturevalue("azurite")
-    request.getfixturevalue("monkeypatch").setenv(
-        CONNECTION_STRING_ENV, azurite["connection_string"]
-    )
-    container = f"prep-{uuid.uuid4().hex[:16]}"
-    uri = f"{azurite['blob_endpoint']}/{container}"
-
-    def drop() -> None:
-        with BlobServiceClient.from_connection_string(azurite["connection_string"]) as service:
-            service.delete_container(container)
-
-    AzureBlobStore.from_uri(uri, create=True)
-    request.addfinalizer(drop)
-    return Catalog(tmp_path, uri, lambda: AzureBlobStore.from_uri(uri))
-
-
-@pytest.fixture(
-    params=[
-        pytest.param(_local, id="local-folder"),
-        pytest.param(_azure, id="azure-blob", marks=pytest.mark.servers),
-    ]
-)
+@pytest.fixture(params=CONTAINERS)
 def catalog(
     request: pytest.FixtureRequest, tmp_path: Path, make_image: Callable[..., bytes]
 ) -> Iterator[Catalog]:
     """Six 40x30 images (resized to 32x24 at image_size 24), prepared once."""
-    made: Catalog = request.param(tmp_path, request)
+    made: Catalog = request.param(Catalog, tmp_path, request)
     made.put({name: make_image(color=(20 * i, 100, 50)) for i, name in enumerate(IDS)})
     stats = made.prep(IDS)
     assert (stats["downloaded"], stats["reused"], stats["prepared"]) == (6, 0, 6)
