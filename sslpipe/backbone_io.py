@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from sslpipe.io import atomic_path, read_folder_config, write_json
-from sslpipe.moco.augment import IMAGENET_MEAN, IMAGENET_STD
 from sslpipe.moco.backbone import BackboneSpec, build_backbone
+from sslpipe.moco.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 BACKBONE_FORMAT = "sslpipe.backbone/v1"
 WEIGHTS_FILE = "backbone.pt"

@@ -103,7 +103,7 @@ class MocoConfig(_Section):
     temperature: float = Field(0.2, gt=0)
     projection_dim: int = Field(128, ge=1)
     projection_hidden_dim: int = Field(2048, ge=1)
-    # The MoCo v2 recipe (aug_plus, sslpipe.moco.augment), at the strength that suits the
+    # The MoCo v2 recipe (aug_plus, sslpipe.moco.batch_augment), at the strength that suits the
     # default small crops: a crop of at least half the image and half MoCo v2's colour jitter.
     # Colour photos at 96 px and more learn with MoCo v2's own 0.2 and 0.4 (configs/azure.yaml).
     crop_min_scale: float = Field(

@@ -13,7 +13,7 @@ import pytest
 from pipelines import PIPELINES
 from pipelines.steps import BASELINE_INPUTS, train_and_evaluate
 from sslpipe.config import load_config
-from sslpipe.executor import Literal, PipelineGraph, UpstreamOutput
+from sslpipe.executor import LiteralValue, PipelineGraph, UpstreamOutput
 
 FULL_STEPS = {
     "connect_db",
@@ -37,7 +37,7 @@ def full_graph(tmp_path: Path, *sets: str) -> PipelineGraph:
 
 def literal(graph: PipelineGraph, step: str, name: str) -> object:
     binding = graph.steps[step].bindings[name]
-    assert isinstance(binding, Literal), (step, name, binding)
+    assert isinstance(binding, LiteralValue), (step, name, binding)
     return binding.value
 
 
@@ -152,7 +152,7 @@ def test_the_local_run_pins_the_classifier_s_backbone_and_keys_the_registering_s
 
     def key(step: str) -> dict[str, object]:
         spec = graph.steps[step]
-        parameters = {n: b.value for n, b in spec.bindings.items() if isinstance(b, Literal)}
+        parameters = {n: b.value for n, b in spec.bindings.items() if isinstance(b, LiteralValue)}
         return resolver.resolve(spec, parameters, {"MLFLOW_TRACKING_URI": uri}).key
 
     for step in ("moco_train", "evaluate"):  # they register: in this registry

@@ -3,8 +3,8 @@
 Milder than MoCo's views on purpose: the label must survive the augmentation. A random crop of
 most of the image resized to ``image_size``, a small rotation, horizontal (optionally vertical)
 flips and a light colour jitter, then ImageNet normalisation, like every backbone here expects.
-Evaluation uses :func:`sslpipe.moco.augment.eval_transform` (shorter side resize, centre crop),
-the same transform the serving code applies.
+Evaluation uses :func:`sslpipe.moco.preprocessing.eval_transform` (shorter side resize, centre
+crop), the same transform the serving code applies.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from torchvision import transforms as T
 
-from sslpipe.moco.augment import IMAGENET_MEAN, IMAGENET_STD, ConvertRGB, eval_transform
+from sslpipe.moco.preprocessing import IMAGENET_MEAN, IMAGENET_STD, ConvertRGB, eval_transform
 
 __all__ = ["eval_transform", "train_transform"]
 

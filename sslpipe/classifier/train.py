@@ -196,7 +196,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _on(device: torch.device | None, tensor: Tensor) -> Tensor:
+def _to_device(device: torch.device | None, tensor: Tensor) -> Tensor:
     return tensor if device is None else tensor.to(device, non_blocking=True)
 
 
@@ -229,7 +229,7 @@ def train_epoch(
         trained = model.head if backbone_frozen else model
     total_loss, correct, seen = 0.0, 0, 0
     for batch_images, batch_targets in progress.bar(loader, desc=desc, unit="batch"):
-        images, targets = _on(device, batch_images), _on(device, batch_targets)
+        images, targets = _to_device(device, batch_images), _to_device(device, batch_targets)
         if backbone_frozen:
             with torch.no_grad():
                 features = model.backbone(images)
@@ -263,7 +263,7 @@ def predict(
     model.eval()
     logits, targets = [], []
     for images, batch_targets in progress.bar(loader, desc=desc, unit="batch"):
-        batch_logits = model(_on(device, images))
+        batch_logits = model(_to_device(device, images))
         logits.append(batch_logits if device is None else batch_logits.cpu())
         targets.append(torch.as_tensor(batch_targets))
     return torch.cat(logits), torch.cat(targets)

@@ -10,7 +10,7 @@ Typical use::
 
 from sslpipe.executor.graph import (
     InputSpec,
-    Literal,
+    LiteralValue,
     OutputSpec,
     PipelineGraph,
     PipelineGraphError,
@@ -23,7 +23,7 @@ from sslpipe.executor.record import RunRecord, StepRecord
 __all__ = [
     "CommandError",
     "InputSpec",
-    "Literal",
+    "LiteralValue",
     "LocalExecutor",
     "OutputSpec",
     "PipelineGraph",

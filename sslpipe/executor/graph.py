@@ -111,7 +111,7 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
-class Literal:
+class LiteralValue:
     """An input bound to a value; for path inputs, an absolute local path as a string."""
 
     value: Any
@@ -125,7 +125,7 @@ class UpstreamOutput:
     output: str
 
 
-Binding: TypeAlias = Literal | UpstreamOutput
+Binding: TypeAlias = LiteralValue | UpstreamOutput
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,7 @@ def _binding_to_dict(binding: Binding) -> dict[str, Any]:
 def _binding_from_dict(data: Mapping[str, Any]) -> Binding:
     if "step" in data:
         return UpstreamOutput(data["step"], data["output"])
-    return Literal(data["value"])
+    return LiteralValue(data["value"])
 
 
 @dataclass(frozen=True)
@@ -324,7 +324,9 @@ class PipelineGraph:
             reader.collect(job.jobs, prefix="", parent_inputs=values, steps=steps, aliases=aliases)
         steps = {name: _resolve_aliases(step, aliases) for name, step in steps.items()}
         name = job.display_name or job.name or getattr(job.component, "name", None) or "pipeline"
-        resolved = {n: (v.value if isinstance(v, Literal) else None) for n, v in values.items()}
+        resolved = {
+            n: (v.value if isinstance(v, LiteralValue) else None) for n, v in values.items()
+        }
         return cls(name=str(name), steps=steps, inputs=resolved)
 
 
@@ -563,15 +565,15 @@ class _JobReader:
             return None
         if isinstance(value, Input):
             if value.path is None:
-                return None if value.default is None else Literal(value.default)
-            return Literal(_local_path(value.path, base_dir))
+                return None if value.default is None else LiteralValue(value.default)
+            return LiteralValue(_local_path(value.path, base_dir))
         if isinstance(value, os.PathLike):
-            return Literal(_local_path(value, base_dir))
+            return LiteralValue(_local_path(value, base_dir))
         is_path = declared_type is not None and declared_type not in PRIMITIVE_TYPES
         if isinstance(value, str) and is_path:
-            return Literal(_local_path(value, base_dir))
+            return LiteralValue(_local_path(value, base_dir))
         if isinstance(value, bool | int | float | str):
-            return Literal(value)
+            return LiteralValue(value)
         raise PipelineGraphError(
             f"unsupported pipeline input value {value!r} of type {type(value).__name__}; "
             "expected a number, string, boolean, path or azure.ai.ml.Input"
@@ -622,7 +624,7 @@ class _JobReader:
             data = node_input._data if node_input is not None else None
             binding = self._binding(data, parent_inputs, prefix, where)
             if binding is None and meta.default is not None:
-                binding = Literal(meta.default)
+                binding = LiteralValue(meta.default)
             sub_inputs[input_name] = binding
         self.collect(
             component.jobs,
@@ -666,7 +668,7 @@ class _JobReader:
             data = node_input._data if node_input is not None else None
             binding = self._binding(data, parent_inputs, prefix, where)
             if binding is None and spec.default is not None:
-                binding = Literal(spec.default)
+                binding = LiteralValue(spec.default)
             if binding is not None:
                 bindings[input_name] = self._typed(binding, spec, where)
         node_dict = node._to_dict()
@@ -690,10 +692,10 @@ class _JobReader:
 
     def _typed(self, binding: Binding, spec: InputSpec, where: str) -> Binding:
         """Coerce literal values to their input's type; make data paths absolute and local."""
-        if not isinstance(binding, Literal):
+        if not isinstance(binding, LiteralValue):
             return binding
         if not spec.is_path:
-            return Literal(_coerce(binding.value, spec, where))
+            return LiteralValue(_coerce(binding.value, spec, where))
         path = _local_path(binding.value, self.base_dir)
         if _is_remote(path):
             raise PipelineGraphError(
@@ -701,7 +703,7 @@ class _JobReader:
                 "read; bind a local path instead, e.g. by overriding the pipeline input with "
                 "PipelineGraph.from_pipeline_job(job, pipeline_inputs={...: '/local/path'})"
             )
-        return Literal(path)
+        return LiteralValue(path)
 
     def _component_dirs(self, component: Any, step: str) -> tuple[Path, Path]:
         """(folder of the component YAML, code folder the command runs in)."""
@@ -756,12 +758,12 @@ class _JobReader:
             return None
         if isinstance(data, Input):
             if data.path is None:
-                return None if data.default is None else Literal(data.default)
-            return Literal(str(data.path))
+                return None if data.default is None else LiteralValue(data.default)
+            return LiteralValue(str(data.path))
         if isinstance(data, os.PathLike):
-            return Literal(os.fspath(data))
+            return LiteralValue(os.fspath(data))
         if isinstance(data, bool | int | float | str):
-            return Literal(data)
+            return LiteralValue(data)
         raise PipelineGraphError(
             f"{where} is bound to {data!r} ({type(data).__name__}), which the local executor "
             "does not understand; bind a literal, a path, a pipeline input or a step output"

@@ -22,53 +22,61 @@ GPUs: ``python -m torch.distributed.run --standalone --nproc_per_node N <script 
 ...``. torchrun gives every process RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT,
 as Azure ML does; the output of all processes goes to the step's log, and the step fails when
 any process fails.
+
+The executor composes :mod:`sslpipe.executor.cache` (cache keys and entries),
+:mod:`sslpipe.executor.commands` (a component command as an argument list, torchrun) and
+:mod:`sslpipe.executor.process` (a step's environment and process, its output streamed).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import shlex
-import subprocess
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sslpipe.executor.graph import (
-    OPTIONAL_BLOCK_RE,
-    PLACEHOLDER_RE,
-    Literal,
-    PipelineGraph,
-    StepSpec,
-    UpstreamOutput,
+from sslpipe.executor.cache import CACHE_KEY_VERSION, CacheEntry, StepCache, compute_cache_key
+from sslpipe.executor.commands import (
+    CommandError,
+    format_value,
+    resolve_command,
+    step_argv,
+    torchrun_argv,
 )
-from sslpipe.executor.hashing import hash_code, hash_path, hash_text
+from sslpipe.executor.graph import LiteralValue, PipelineGraph, StepSpec, UpstreamOutput
+from sslpipe.executor.hashing import hash_code, hash_path
 from sslpipe.executor.history import RunHistory, explain_miss
 from sslpipe.executor.live import LiveState, LiveStateError, LiveStateResolver
+from sslpipe.executor.process import TAIL_LINES, run_process, step_environment
 from sslpipe.executor.record import (
     DONE_STEP_STATUSES,
     RunRecord,
     StepRecord,
     utc_now,
 )
-from sslpipe.image_cache import IMAGE_CACHE_ENV
 from sslpipe.io import write_atomically, write_json
 
-CACHE_KEY_VERSION = 1
-"""Bump when the cache key's recipe changes, so old cache entries stop matching."""
+__all__ = [  # the executor, and the parts it composes (importable from here as before)
+    "CACHE_KEY_VERSION",
+    "TAIL_LINES",
+    "CommandError",
+    "LocalExecutor",
+    "StepFailedError",
+    "compute_cache_key",
+    "format_value",
+    "new_run_id",
+    "resolve_command",
+    "torchrun_argv",
+]
 
-TAIL_LINES = 20
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SHELL_OPERATORS = frozenset({"&&", "||", "|", ";", ">", ">>", "<", "2>", "2>&1", "&"})
-_PYTHON_NAMES = frozenset({"python", "python3"})
 
 
 class StepFailedError(RuntimeError):
@@ -102,128 +110,7 @@ class StepFailedError(RuntimeError):
         self.run_id = run_id
 
 
-class CommandError(ValueError):
-    """A component command cannot be turned into an argument list."""
-
-
-# --------------------------------------------------------------------------- pure helpers
-
-
-def format_value(value: Any) -> str:
-    """Format an input value for the command line the way Azure ML does (``true``/``false``)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def resolve_command(command: str, values: Mapping[str, str | None]) -> list[str]:
-    """Turn a component command into an argv list.
-
-    Args:
-        command: the component's command with ``${{inputs.x}}``, ``${{outputs.y}}`` and
-            ``$[[...]]`` optional blocks.
-        values: ``"inputs.x"`` / ``"outputs.y"`` to the text to put in; None (or missing)
-            for an unbound optional input.
-
-    ``$[[...]]`` blocks are kept without the brackets when every input inside is bound and
-    dropped otherwise. Values are spliced in *after* the command is split with shlex, so a
-    value with spaces or quotes always stays one argument and is never interpreted by a shell.
-
-    Raises:
-        CommandError: when a placeholder outside ``$[[...]]`` has no value, or the command
-            uses shell operators (there is no shell to run them).
-    """
-
-    def keep_block(match: re.Match[str]) -> str:
-        inner = match.group(1)
-        bound = all(values.get(f"{kind}.{name}") is not None for kind, name in _refs(inner))
-        return inner if bound else " "
-
-    text = OPTIONAL_BLOCK_RE.sub(keep_block, command.replace("\\\n", " "))
-    spliced: list[str] = []
-
-    def to_token(match: re.Match[str]) -> str:
-        key = f"{match.group(1)}.{match.group(2)}"
-        value = values.get(key)
-        if value is None:
-            raise CommandError(f"the command uses ${{{{{key}}}}} but it has no value")
-        spliced.append(value)
-        # NUL never occurs in a command or an argument, so it cannot clash with user text.
-        return f"\0{len(spliced) - 1}\0"
-
-    text = PLACEHOLDER_RE.sub(to_token, text)
-    try:
-        items = shlex.split(text)
-    except ValueError as exc:
-        raise CommandError(f"cannot split the command {command!r}: {exc}") from None
-    operators = [item for item in items if item in _SHELL_OPERATORS]
-    if operators:
-        raise CommandError(
-            f"the command uses shell operators {operators}; the local executor runs commands "
-            "without a shell, so put that logic in the component's script"
-        )
-    return [re.sub(r"\0(\d+)\0", lambda m: spliced[int(m.group(1))], item) for item in items]
-
-
-def _refs(text: str) -> list[tuple[str, str]]:
-    return [(kind, name) for kind, name in PLACEHOLDER_RE.findall(text)]
-
-
-def torchrun_argv(argv: Sequence[str], processes: int) -> list[str]:
-    """``python <script|-m module> args`` as ``processes`` processes under torchrun.
-
-    Args:
-        argv: a resolved command whose first item is the Python interpreter.
-        processes: processes on this machine (``process_count_per_instance``), >= 1.
-
-    Returns:
-        ``[python, -m, torch.distributed.run, --standalone, --nproc_per_node=N, ...]`` followed
-        by the script (or ``-m module``) and its arguments. ``--standalone`` lets torchrun pick
-        a free port on localhost, so that several runs on one machine do not collide.
-
-    Raises:
-        CommandError: when the command is not ``python script ...`` or ``python -m module ...``.
-    """
-    if processes < 1:
-        raise CommandError(f"process_count_per_instance must be >= 1, got {processes}")
-    if len(argv) < 2:
-        raise CommandError(f"cannot run {shlex.join(argv)!r} under torchrun: no script to run")
-    target = argv[1]
-    if target.startswith("-") and target != "-m":
-        raise CommandError(
-            f"cannot run {shlex.join(argv)!r} under torchrun: start the command with "
-            "'python script.py ...' or 'python -m module ...' (no interpreter options)"
-        )
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    return [argv[0], *launcher, *argv[1:]]
-
-
-def compute_cache_key(
-    step: StepSpec,
-    *,
-    code_hash: str,
-    parameters: Mapping[str, Any],
-    input_hashes: Mapping[str, str],
-    live: Mapping[str, Any] | None = None,
-) -> str:
-    """The reuse key of a step: what it runs, with which code, parameters and input data.
-
-    Paths are deliberately absent: only the *content* of inputs counts, so the same data in
-    another run folder (or moved elsewhere) still hits the cache. ``live`` is the state outside
-    those (:class:`~sslpipe.executor.live.LiveState` ``key``: registry, model versions, cached
-    weights).
-    """
-    payload: dict[str, Any] = {
-        "version": CACHE_KEY_VERSION,
-        "component": step.component_spec(),
-        "code": code_hash,
-        "parameters": {k: parameters[k] for k in sorted(parameters)},
-        "inputs": {k: input_hashes[k] for k in sorted(input_hashes)},
-    }
-    if live:
-        # Only when there is some, so that the keys of steps without live state stay valid.
-        payload["live"] = {k: live[k] for k in sorted(live)}
-    return hash_text(json.dumps(payload, sort_keys=True, default=str))
+# --------------------------------------------------------------------------- helpers
 
 
 def new_run_id() -> str:
@@ -252,13 +139,6 @@ class _Prepared:
     input_hashes: dict[str, str] = field(default_factory=dict)
     code_hash: str | None = None
     cache_key: str | None = None
-
-
-@dataclass
-class _CacheEntry:
-    run_id: str
-    step: str
-    outputs: dict[str, str]
 
 
 class LocalExecutor:
@@ -295,6 +175,7 @@ class LocalExecutor:
         self.python = python
         self.echo = echo or _default_echo
         self.live_state = live_state
+        self._cache = StepCache(self.cache_dir)
         self._hash_memo: dict[str, str] = {}
         self._history = RunHistory(self.runs_dir, pipeline=None)
 
@@ -457,7 +338,7 @@ class LocalExecutor:
         parameters = {
             name: binding.value
             for name, binding in step.bindings.items()
-            if isinstance(binding, Literal) and not step.inputs[name].is_path
+            if isinstance(binding, LiteralValue) and not step.inputs[name].is_path
         }
         return self.live_state.resolve(step, parameters, self._step_env(step))
 
@@ -516,7 +397,7 @@ class LocalExecutor:
         step_record.status = "completed"
         self._end_step(step_record, record, started)
         if step.is_deterministic and prepared.cache_key:
-            self._remember(prepared.cache_key, record.run_id, step.name, outputs)
+            self._cache.remember(prepared.cache_key, record.run_id, step.name, outputs)
         self.echo(f"[{step.name}] completed in {step_record.duration_s:.1f}s")
         return outputs
 
@@ -538,7 +419,7 @@ class LocalExecutor:
         return log_path
 
     def _reuse(
-        self, step: StepSpec, step_record: StepRecord, hit: _CacheEntry, log: IO[str]
+        self, step: StepSpec, step_record: StepRecord, hit: CacheEntry, log: IO[str]
     ) -> None:
         """Take over an earlier run's outputs instead of running the step."""
         message = (
@@ -656,29 +537,19 @@ class LocalExecutor:
 
     def _argv(self, step: StepSpec, prepared: _Prepared, outputs: Mapping[str, str]) -> list[str]:
         """The step's command with values filled in. Raises CommandError."""
-        values: dict[str, str | None] = {f"outputs.{n}": p for n, p in outputs.items()}
-        values |= {f"inputs.{n}": p for n, p in prepared.inputs.items()}
-        values |= {f"inputs.{n}": format_value(v) for n, v in prepared.parameters.items()}
-        argv = resolve_command(step.command, values)
-        is_python = bool(argv) and argv[0] in _PYTHON_NAMES
-        if is_python:
-            argv[0] = self.python
-        if step.processes > 1:
-            if not is_python:
-                raise CommandError(
-                    f"step {step.name!r} asks for {step.processes} processes "
-                    "(distribution.process_count_per_instance), which the local executor "
-                    "starts with torchrun; its command must start with 'python', found "
-                    f"{argv[0] if argv else '(nothing)'!r}"
-                )
-            argv = torchrun_argv(argv, step.processes)
-        return argv
+        return step_argv(
+            step,
+            parameters=prepared.parameters,
+            inputs=prepared.inputs,
+            outputs=outputs,
+            python=self.python,
+        )
 
     # ---- reuse
 
     def _reuse_decision(
         self, step: StepSpec, prepared: _Prepared | None
-    ) -> tuple[_CacheEntry | None, str]:
+    ) -> tuple[CacheEntry | None, str]:
         """(cache entry to reuse or None, why the step runs)."""
         if not step.is_deterministic:
             return None, "is_deterministic: false, always runs"
@@ -686,7 +557,7 @@ class LocalExecutor:
             return None, "force_rerun"
         if prepared is None or prepared.cache_key is None:
             return None, "no cache key"
-        entry = self._lookup(prepared.cache_key, step)
+        entry = self._cache.lookup(prepared.cache_key, step)
         if entry is None:
             return None, self._why_miss(step, prepared)
         return entry, "reused"
@@ -697,26 +568,6 @@ class LocalExecutor:
         _fill_prepared(current, prepared)
         current.live = prepared.live.to_dict()
         return explain_miss(current, self._history.latest(step.name))
-
-    def _lookup(self, cache_key: str, step: StepSpec) -> _CacheEntry | None:
-        """The cache entry for ``cache_key`` if its outputs still exist, else None."""
-        path = self.cache_dir / f"{cache_key}.json"
-        try:
-            data = json.loads(path.read_text("utf-8"))
-            entry = _CacheEntry(str(data["run_id"]), str(data["step"]), dict(data["outputs"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # missing or unreadable: treat as a miss, the step simply runs
-        if set(entry.outputs) != set(step.outputs):
-            return None
-        if not all(Path(p).exists() for p in entry.outputs.values()):
-            return None  # an earlier run folder was deleted
-        return entry
-
-    def _remember(self, cache_key: str, run_id: str, step: str, outputs: Mapping[str, str]) -> None:
-        write_json(
-            self.cache_dir / f"{cache_key}.json",
-            {"run_id": run_id, "step": step, "outputs": dict(outputs), "created": utc_now()},
-        )
 
     def _plan_step(
         self,
@@ -789,64 +640,15 @@ class LocalExecutor:
     # ---- processes
 
     def _step_env(self, step: StepSpec) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"  # so that output streams line by line, as it happens
-        if step.processes > 1:
-            # torchrun would set 1 (with a warning); share the cores between the processes.
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // step.processes)))
-        env.update(step.environment_variables)
-        env.update(self.env)
-        # The workspace's image cache, shared by data_prep runs (sslpipe.image_cache).
-        env.setdefault(IMAGE_CACHE_ENV, str(self.cache_dir / "images"))
-        return env
+        return step_environment(step, overrides=self.env, image_cache=self.cache_dir / "images")
 
     def _run_process(self, step: StepSpec, argv: list[str], log: IO[str]) -> tuple[int, list[str]]:
         """Run ``argv``; stream its output to the console and the log. (returncode, tail)."""
-        tail: deque[str] = deque(maxlen=TAIL_LINES)
-        try:
-            process = subprocess.Popen(
-                argv,
-                cwd=step.code_dir,
-                env=self._step_env(step),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                encoding="utf-8",
-                errors="replace",
-                bufsize=1,
-            )
-        except OSError as exc:
-            message = f"cannot start {argv[0]!r}: {exc}"
-            log.write(message + "\n")
-            self.echo(f"[{step.name}] {message}")
-            return 127, [message]
-        with _terminate_on_error(process):
-            assert process.stdout is not None
-            for raw in process.stdout:
-                line = raw.rstrip("\n")
-                log.write(line + "\n")
-                log.flush()
-                tail.append(line)
-                self.echo(f"[{step.name}] {line}")
-            returncode = process.wait()
-        log.write(f"# exit code {returncode}\n")
-        return returncode, list(tail)
 
+        def echo(line: str) -> None:
+            self.echo(f"[{step.name}] {line}")
 
-@contextmanager
-def _terminate_on_error(process: subprocess.Popen[str]) -> Iterator[None]:
-    """Stop the child when we are interrupted, so that no step keeps running unseen."""
-    try:
-        yield
-    except BaseException:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        raise
+        return run_process(argv, cwd=step.code_dir, env=self._step_env(step), log=log, echo=echo)
 
 
 def _plan_entry(step: StepSpec, assumes: list[str]) -> dict[str, Any]:
@@ -873,7 +675,7 @@ def _planned_values(step: StepSpec, prepared: _Prepared) -> dict[str, Any]:
     configured = {
         name: binding.value
         for name, binding in step.bindings.items()
-        if name in prepared.live.parameters and isinstance(binding, Literal)
+        if name in prepared.live.parameters and isinstance(binding, LiteralValue)
     }
     return {
         "parameters": prepared.parameters,
@@ -909,7 +711,7 @@ def _outputs_read(step: StepSpec, upstream: str) -> list[str]:
     ]
 
 
-def _binding_hint(binding: Literal | UpstreamOutput) -> str:
+def _binding_hint(binding: LiteralValue | UpstreamOutput) -> str:
     if isinstance(binding, UpstreamOutput):
         return f" (output {binding.output!r} of step {binding.step!r} was removed?)"
     return " (check the pipeline input or pass another path)"

@@ -1,16 +1,23 @@
-"""MoCo v2 augmentations split in two for speed: a per-image crop, then batched tensor ops.
+"""The MoCo v2 training recipe, split in two for speed: a per-image crop, then batched tensor ops.
 
-:func:`sslpipe.moco.moco_v2_transform` runs the whole recipe image by image on PIL images,
-which costs several milliseconds per view in the DataLoader workers; on a machine with few
-cores those workers take CPU time away from the training threads. Here only the geometric
-part that needs the full-resolution image, the random resized crop, runs per image
-(:func:`crop_transform`, PIL in, a small ``uint8`` tensor out, so that workers hand over a
-quarter of the bytes of float views). The rest of the recipe, colour jitter, grayscale,
-Gaussian blur, flips and the optional rotation, then normalisation, runs on the whole batch at
-once on the training device (:class:`BatchMoCoV2Augment`): a handful of vectorised tensor
-ops that use every intra-op thread on a CPU and run on the GPU when training there.
+The recipe is ``aug_plus`` of facebookresearch/moco ``main_moco.py`` (MoCo v2, Chen et al.,
+2020), itself taken from SimCLR: random resized crop, colour jitter, grayscale, Gaussian blur
+and horizontal flip. Vertical flips and rotations are optional extras for catalogs without a
+canonical orientation (e.g. microscopy or aerial images); they are off by default.
 
-The distribution of the views is that of ``moco_v2_transform`` with the same arguments: the
+Run image by image on PIL images with torchvision's transforms, the recipe costs several
+milliseconds per view in the DataLoader workers; on a machine with few cores those workers take
+CPU time away from the training threads. Here only the geometric part that needs the
+full-resolution image, the random resized crop, runs per image (:func:`crop_transform`, PIL in,
+a small ``uint8`` tensor out, so that workers hand over a quarter of the bytes of float views).
+The rest of the recipe, colour jitter, grayscale, Gaussian blur, flips and the optional
+rotation, then normalisation, runs on the whole batch at once on the training device
+(:class:`BatchMoCoV2Augment`): a handful of vectorised tensor ops that use every intra-op thread
+on a CPU and run on the GPU when training there. :class:`TwoCropsTransform` makes the query and
+key crops of one image.
+
+The distribution of the views is that of torchvision's per-image pipeline with the same
+arguments (the reference the tests compare with, ``tests/moco/torchvision_moco_v2.py``): the
 same probabilities and parameter ranges, drawn per image, and the same order of steps. One
 difference: the colour jitter's four operations run in a random order drawn per batch rather
 than per image (every image still sees each order with equal probability, and the query and
@@ -22,22 +29,102 @@ PIL step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
 
-from sslpipe.moco.augment import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ConvertRGB,
-    blur_kernel_size,
-    validate_moco_v2_arguments,
-)
+from sslpipe.moco.preprocessing import IMAGENET_MEAN, IMAGENET_STD, ConvertRGB, check_image_size
 
 # ITU-R 601-2 luma, the weights of PIL's and torchvision's RGB -> L conversion.
 _LUMA = (0.299, 0.587, 0.114)
+
+
+def _check_probability(value: float, name: str) -> None:
+    if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"MoCo v2 augmentation: {name} must be a probability in [0, 1], got {value!r}."
+        )
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """Odd Gaussian kernel size of about 10% of the image side, at least 3 (23 for 224 px)."""
+    size = max(3, round(0.1 * image_size))
+    return size if size % 2 == 1 else size + 1
+
+
+def validate_moco_v2_arguments(
+    image_size: int,
+    *,
+    min_scale: float = 0.2,
+    jitter_strength: float = 0.4,
+    jitter_p: float = 0.8,
+    grayscale_p: float = 0.2,
+    blur_p: float = 0.5,
+    blur_sigma: tuple[float, float] = (0.1, 2.0),
+    horizontal_flip_p: float = 0.5,
+    vertical_flip_p: float = 0.0,
+    rotation_degrees: float = 0.0,
+) -> None:
+    """Raise ValueError unless the arguments describe a valid MoCo v2 recipe.
+
+    Defaults are MoCo v2's (``aug_plus`` in facebookresearch/moco).
+
+    Args:
+        image_size: Side of the output crop in pixels, >= 8.
+        min_scale: Lower bound of the crop area fraction of RandomResizedCrop (0.2 in MoCo v2).
+        jitter_strength: Brightness, contrast and saturation jitter; hue jitter is a quarter of
+            it, giving MoCo v2's ColorJitter(0.4, 0.4, 0.4, 0.1) by default. In [0, 2].
+        jitter_p: Probability of applying the colour jitter (0.8).
+        grayscale_p: Probability of converting to grayscale (0.2).
+        blur_p: Probability of Gaussian blur (0.5).
+        blur_sigma: Range (low, high) the blur sigma is drawn from ((0.1, 2.0)).
+        horizontal_flip_p: Probability of a horizontal flip (0.5).
+        vertical_flip_p: Probability of a vertical flip (0.0, off).
+        rotation_degrees: Random rotation in [-d, d] degrees (0.0, off).
+    """
+    check_image_size(image_size, "MoCo v2 augmentation")
+    if not isinstance(min_scale, int | float) or not 0.0 < min_scale <= 1.0:
+        raise ValueError(
+            f"MoCo v2 augmentation: min_scale must be in (0, 1], got {min_scale!r}. "
+            "MoCo v2 uses 0.2."
+        )
+    if not isinstance(jitter_strength, int | float) or not 0.0 <= jitter_strength <= 2.0:
+        # Hue jitter is jitter_strength / 4 and torchvision caps hue at 0.5.
+        raise ValueError(
+            f"MoCo v2 augmentation: jitter_strength must be in [0, 2], got {jitter_strength!r}. "
+            "MoCo v2 uses 0.4."
+        )
+    for name, value in (
+        ("jitter_p", jitter_p),
+        ("grayscale_p", grayscale_p),
+        ("blur_p", blur_p),
+        ("horizontal_flip_p", horizontal_flip_p),
+        ("vertical_flip_p", vertical_flip_p),
+    ):
+        _check_probability(value, name)
+    if (
+        len(blur_sigma) != 2
+        or not all(isinstance(s, int | float) and s > 0 for s in blur_sigma)
+        or blur_sigma[0] > blur_sigma[1]
+    ):
+        raise ValueError(
+            f"MoCo v2 augmentation: blur_sigma must be (low, high) with 0 < low <= high, got "
+            f"{blur_sigma!r}. MoCo v2 uses (0.1, 2.0)."
+        )
+    if (
+        not isinstance(rotation_degrees, int | float)
+        or not math.isfinite(rotation_degrees)
+        or not 0.0 <= rotation_degrees <= 180.0
+    ):
+        raise ValueError(
+            "MoCo v2 augmentation: rotation_degrees must be in [0, 180], got "
+            f"{rotation_degrees!r}. "
+            "Use 0 to disable rotation."
+        )
 
 
 def crop_transform(image_size: int, *, min_scale: float = 0.2) -> T.Compose:
@@ -50,6 +137,31 @@ def crop_transform(image_size: int, *, min_scale: float = 0.2) -> T.Compose:
             T.PILToTensor(),
         ]
     )
+
+
+class TwoCropsTransform:
+    """Apply a random transform twice to get the query and key views of one image.
+
+    Args:
+        base_transform: Random transform, e.g. :func:`crop_transform`.
+
+    Returns (from ``__call__``):
+        ``(query_view, key_view)``, two independently augmented tensors.
+    """
+
+    def __init__(self, base_transform: Callable[[Image.Image], Tensor]) -> None:
+        if not callable(base_transform):
+            raise ValueError(
+                f"TwoCropsTransform expects a callable transform, got "
+                f"{type(base_transform).__name__}. Pass e.g. crop_transform(224)."
+            )
+        self.base_transform = base_transform
+
+    def __call__(self, img: Image.Image) -> tuple[Tensor, Tensor]:
+        return self.base_transform(img), self.base_transform(img)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base_transform!r})"
 
 
 def _gray(x: Tensor) -> Tensor:
@@ -131,7 +243,7 @@ class BatchMoCoV2Augment:
     normalised float32 views on that device. Random parameters are drawn from torch's global
     CPU generator (so a seeded run is reproducible on any device), one draw per image.
 
-    Arguments and defaults are those of :func:`sslpipe.moco.moco_v2_transform` (MoCo v2's
+    Arguments and defaults are those of :func:`validate_moco_v2_arguments` (MoCo v2's
     ``aug_plus``), minus ``min_scale``, which belongs to the crop.
     """
 
@@ -228,4 +340,10 @@ class BatchMoCoV2Augment:
         return x.sub_(mean).div_(std)
 
 
-__all__ = ["BatchMoCoV2Augment", "crop_transform"]
+__all__ = [
+    "BatchMoCoV2Augment",
+    "TwoCropsTransform",
+    "blur_kernel_size",
+    "crop_transform",
+    "validate_moco_v2_arguments",
+]

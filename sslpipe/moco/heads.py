@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-
-def _check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}. Pass an int >= 1.")
+from sslpipe.moco.checks import check_positive_int
 
 
 class ProjectionHead(nn.Module):
@@ -29,9 +26,9 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, input_dim: int, *, hidden_dim: int = 2048, output_dim: int = 128) -> None:
         super().__init__()
-        _check_positive_int(input_dim, "ProjectionHead input_dim")
-        _check_positive_int(hidden_dim, "ProjectionHead hidden_dim")
-        _check_positive_int(output_dim, "ProjectionHead output_dim")
+        check_positive_int(input_dim, "ProjectionHead input_dim")
+        check_positive_int(hidden_dim, "ProjectionHead hidden_dim")
+        check_positive_int(output_dim, "ProjectionHead output_dim")
         self.input_dim = input_dim
         self.hidden_dim = hidden_dim
         self.output_dim = output_dim

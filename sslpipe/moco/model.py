@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sslpipe import distributed
+from sslpipe.moco.checks import check_positive_int
 from sslpipe.moco.ddp import (
     BN_MODES,
     BatchNormMode,
@@ -71,11 +72,6 @@ def update_momentum(model: nn.Module, model_ema: nn.Module, m: float) -> None:
     # Fused multi-tensor ops: one kernel launch per op instead of one per parameter tensor.
     torch._foreach_mul_(ema_params, m)
     torch._foreach_add_(ema_params, params, alpha=1.0 - m)
-
-
-def _check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"MoCo: {name} must be a positive int, got {value!r}.")
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -157,11 +153,11 @@ class MoCo(nn.Module):
                 f"MoCo: bn must be one of {', '.join(BN_MODES)}, got {bn!r}. 'shuffle' is the "
                 "MoCo paper's shuffle-BN, 'sync' SyncBatchNorm."
             )
-        _check_positive_int(feature_dim, "feature_dim")
-        _check_positive_int(projection_hidden_dim, "projection_hidden_dim")
-        _check_positive_int(projection_dim, "projection_dim")
-        _check_positive_int(queue_size, "queue_size")
-        _check_positive_int(bn_splits, "bn_splits")
+        check_positive_int(feature_dim, "MoCo: feature_dim")
+        check_positive_int(projection_hidden_dim, "MoCo: projection_hidden_dim")
+        check_positive_int(projection_dim, "MoCo: projection_dim")
+        check_positive_int(queue_size, "MoCo: queue_size")
+        check_positive_int(bn_splits, "MoCo: bn_splits")
         _check_momentum(key_momentum, "MoCo key_momentum")
         self.feature_dim = feature_dim
         self.key_momentum = float(key_momentum)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sslpipe.moco.checks import check_positive_int
+
 EMPTY = -1
 """Id of a queue slot that was never written: always masked out of the negatives."""
 UNKNOWN = -2
@@ -55,11 +57,8 @@ class KeyQueue(nn.Module):
 
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
-        for name, value in (("size", size), ("dim", dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"KeyQueue {name} must be a positive int, got {value!r}. Pass an int >= 1."
-                )
+        check_positive_int(size, "KeyQueue size")
+        check_positive_int(dim, "KeyQueue dim")
         # torch.randn draws from the global generator, so the queue is reproducible under
         # torch.manual_seed like the rest of the model.
         self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))

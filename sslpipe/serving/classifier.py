@@ -27,7 +27,7 @@ import torch
 from mlflow.pyfunc import PythonModel
 
 from sslpipe.classifier.model import ImageClassifier, load_classifier_dir
-from sslpipe.moco.augment import eval_transform
+from sslpipe.moco.preprocessing import eval_transform
 from sslpipe.serving.embedder import images_of, to_pil
 
 PROB_PREFIX = "prob_"

@@ -14,7 +14,7 @@ from mlflow.pyfunc import PythonModel
 from PIL import Image
 
 from sslpipe.backbone_io import load_backbone_dir
-from sslpipe.moco.augment import eval_transform
+from sslpipe.moco.preprocessing import eval_transform
 
 
 def to_pil(item: Any) -> Image.Image:

@@ -75,7 +75,7 @@ RESUMABLE_CHANGES = frozenset({"num_workers", "views", "knn_every"})
 watched, not what is trained. (``views`` changes the random stream, never the distribution.)"""
 
 
-class ImageFolderDataset(Dataset[Any]):
+class ManifestImages(Dataset[Any]):
     """Images listed in a data_prep manifest, opened lazily and passed through ``transform``."""
 
     def __init__(self, root: Path, paths: list[str], transform: Any) -> None:
@@ -280,7 +280,7 @@ def lr_at(config: MocoConfig, epoch: float, done: float = 0.0) -> float:
     return cosine * min(1.0, position / config.warmup_epochs)
 
 
-def _on(device: torch.device, x: torch.Tensor) -> torch.Tensor:
+def _to_device_channels_last(device: torch.device, x: torch.Tensor) -> torch.Tensor:
     return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
@@ -315,7 +315,9 @@ def _train_epoch(
             x_key = augment(x_key.to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(
-                _on(device, x_query), _on(device, x_key), ids.to(device, non_blocking=True)
+                _to_device_channels_last(device, x_query),
+                _to_device_channels_last(device, x_key),
+                ids.to(device, non_blocking=True),
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -331,7 +333,7 @@ def monitor_images(data_dir: Path, paths: list[str], image_size: int) -> torch.T
     """The kNN monitor's images, decoded once: (N, 3, S, S) ``uint8``, as ``eval_transform``
     sees them before it normalises (shorter side resized, centre crop)."""
     steps = eval_transform(image_size).transforms[:3]  # RGB, resize, centre crop
-    dataset = ImageFolderDataset(data_dir, paths, T.Compose([*steps, T.PILToTensor()]))
+    dataset = ManifestImages(data_dir, paths, T.Compose([*steps, T.PILToTensor()]))
     batches = DataLoader(dataset, batch_size=256, num_workers=0)
     decoded = []
     with progress.bar(desc="kNN monitor: decoding", total=len(dataset), unit="img") as shown:
@@ -358,7 +360,11 @@ def knn_monitor(
     embedded = []
     with progress.bar(desc="kNN monitor", total=len(images), unit="img") as shown:
         for batch in images.split(256):
-            embedded.append(model.embed(_on(device, batch).float().div_(255).sub_(mean).div_(std)))
+            embedded.append(
+                model.embed(
+                    _to_device_channels_last(device, batch).float().div_(255).sub_(mean).div_(std)
+                )
+            )
             shown.update(len(batch))
     return leave_one_out_knn_top1(torch.cat(embedded), labels.to(device), k=k)
 
@@ -589,7 +595,7 @@ def _run(
     # MoCo v2's augmentations in two parts: the random crop per image in the DataLoader
     # workers (small uint8 crops), the photometric ops and flips batched on the device.
     augment = batch_augment(config)
-    train_set = ImageFolderDataset(
+    train_set = ManifestImages(
         data_dir,
         list(manifest["path"]),
         TwoCropsTransform(crop_transform(config.image_size, min_scale=config.crop_min_scale)),

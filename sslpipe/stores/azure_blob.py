@@ -1,18 +1,9 @@
 """Azure Blob Storage: one container, through azure-storage-blob's async client (aiohttp).
 
-URIs name one container::
-
-    https://<account>.blob.core.windows.net/<container>[?<SAS token>]
-    http://127.0.0.1:10000/devstoreaccount1/<container>      (Azurite, path style; loopback only)
-
-Credentials, first found wins (the store's ``auth`` names the source, never the secret):
-
-1. a SAS token in the URI's query;
-2. ``AZURE_STORAGE_CONNECTION_STRING`` when it names this account's blob endpoint
-   (its ``AccountKey`` or ``SharedAccessSignature``);
-3. ``AZURE_STORAGE_SAS_TOKEN``;
-4. ``AZURE_STORAGE_KEY`` (the account name is read from the URI);
-5. ``azure.identity.aio.DefaultAzureCredential`` (managed identity on Azure ML compute).
+URIs and credentials are those of :mod:`sslpipe.stores.azure_blob_auth`
+(``https://<account>.blob.core.windows.net/<container>[?<SAS token>]``, or Azurite on a loopback
+address); the store's ``auth`` names the credential's source, never the secret. Retries follow
+:mod:`sslpipe.stores.azure_blob_retry`.
 
 One aiohttp session (connection pool) serves the SDK's requests of a store; it is opened on first
 use in the running event loop and released by :meth:`AzureBlobStore.close`. Transient failures are
@@ -30,262 +21,68 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import os
-import random
-import re
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlparse
 
 import aiohttp
 from azure.core import MatchConditions
-from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
 from azure.core.exceptions import (
     AzureError,
     HttpResponseError,
     ResourceExistsError,
     ResourceNotFoundError,
-    ServiceRequestError,
-    ServiceResponseError,
 )
 from azure.core.pipeline.transport import AioHttpTransport
-from azure.storage.blob.aio import BlobServiceClient, ContainerClient, ExponentialRetry
+from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
 from sslpipe.logs import get_logger
+from sslpipe.stores.azure_blob_auth import (
+    ACCOUNT_KEY_ENV,
+    CONNECTION_STRING_ENV,
+    DEFAULT_CREDENTIAL,
+    SAS_TOKEN_ENV,
+    Auth,
+    BlobLocation,
+    Credential,
+    parse_blob_uri,
+    resolve_auth,
+)
+from sslpipe.stores.azure_blob_retry import (
+    READ_ERRORS,
+    Backoff,
+    backoff_seconds,
+    error_code,
+    is_transient,
+    scrub,
+)
 from sslpipe.stores.base import BlobInfo, BlobNotFoundError, BlobStore, StoreError, blob_key
 from sslpipe.stores.blob_get import BlobReads, BlobStatusError, SasSource, blob_url
-from sslpipe.uris import is_loopback_host, redact_uri
+
+__all__ = [
+    "ACCOUNT_KEY_ENV",
+    "CONNECTION_STRING_ENV",
+    "DEFAULT_CREDENTIAL",
+    "SAS_TOKEN_ENV",
+    "Auth",
+    "AzureBlobStore",
+    "BlobLocation",
+    "Credential",
+    "backoff_seconds",
+    "parse_blob_uri",
+    "resolve_auth",
+]
 
 log = get_logger("stores.azure_blob")
 
 T = TypeVar("T")
 
-CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
-SAS_TOKEN_ENV = "AZURE_STORAGE_SAS_TOKEN"
-ACCOUNT_KEY_ENV = "AZURE_STORAGE_KEY"
-DEFAULT_CREDENTIAL = "DefaultAzureCredential"
-
-# https://learn.microsoft.com/rest/api/storageservices/naming-and-referencing-containers--blobs--and-metadata
-_CONTAINER_NAME = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$|^\$(root|web|logs)$")
-_SIGNATURE = re.compile(r"(?i)(sig|key|token|secret|password|accountkey)=[^&;\s]*")
-# Status codes worth a second try once the SDK's own retries are spent; None: no response at all.
-_TRANSIENT_STATUS = (None, 408, 429, 500, 502, 503, 504)
 _NOT_MODIFIED = 304
 _NOT_FOUND = 404
-# What a read may raise besides the service's answers: the SDK's errors and the connection's.
-_READ_ERRORS = (AzureError, aiohttp.ClientError, ConnectionError, TimeoutError)
 # The credential is valid but does not allow the operation (e.g. a SAS without that permission).
 _PERMISSION_CODES = ("AuthorizationPermissionMismatch", "AuthorizationResourceTypeMismatch")
-
-
-# --- where: the container a URI names ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BlobLocation:
-    """A container parsed from a URI: ``account_url`` (no query), ``account_name`` (None when
-    the host does not tell it), ``container`` and the URI's SAS token, if any (never shown)."""
-
-    account_url: str
-    account_name: str | None
-    container: str
-    sas_token: str | None = field(default=None, repr=False)
-
-    @property
-    def uri(self) -> str:
-        """The container's URI without credentials."""
-        return f"{self.account_url}/{self.container}"
-
-
-def _is_path_style(host: str) -> bool:
-    """Emulators and IP endpoints put the account in the path, not in the host name."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def parse_blob_uri(uri: str) -> BlobLocation:
-    """The container that ``uri`` names.
-
-    Raises:
-        StoreError: the URI is not an https (or loopback http) container URI; the message shows
-            the URI redacted and the expected form.
-    """
-    shown = redact_uri(uri)
-    parsed = urlparse(uri)
-    host = parsed.hostname or ""
-    expected = (
-        "expected https://<account>.blob.core.windows.net/<container> "
-        "or, for the local emulator, http://127.0.0.1:10000/<account>/<container>"
-    )
-    if parsed.scheme not in ("https", "http") or not host:
-        raise StoreError(f"{shown!r} is not a blob container URI: {expected}")
-    if "@" in parsed.netloc:
-        raise StoreError(
-            f"{shown!r}: credentials in the URI's user part are not supported; use a SAS token "
-            f"in the query or the {CONNECTION_STRING_ENV} / {ACCOUNT_KEY_ENV} environment"
-        )
-    if parsed.scheme == "http" and not is_loopback_host(host):
-        raise StoreError(
-            f"refusing plain http for {shown!r}: only a local emulator on a loopback address "
-            "(127.0.0.1, ::1, localhost) may be reached without TLS; use https://"
-        )
-    try:
-        parsed.port  # noqa: B018 - raises on a malformed port
-    except ValueError:
-        raise StoreError(f"{shown!r} has an invalid port: {expected}") from None
-    parts = [unquote(p) for p in parsed.path.split("/") if p]
-    path_style = _is_path_style(host)
-    if len(parts) != (2 if path_style else 1):
-        raise StoreError(f"{shown!r} does not name exactly one container: {expected}")
-    container = parts[-1]
-    if not _CONTAINER_NAME.match(container):
-        raise StoreError(
-            f"{shown!r}: {container!r} is not a valid container name (3 to 63 lowercase "
-            "letters, digits and single hyphens, starting and ending with a letter or digit)"
-        )
-    if path_style:
-        account: str | None = parts[0]
-        account_url = f"{parsed.scheme}://{parsed.netloc}/{parts[0]}"
-    else:
-        account = host.split(".")[0] if ".blob." in host else None
-        account_url = f"{parsed.scheme}://{parsed.netloc}"
-    sas = parsed.query or None
-    if sas is not None and "sig=" not in sas:
-        raise StoreError(f"{shown!r}: the URI's query is not a SAS token (it has no 'sig=')")
-    return BlobLocation(account_url, account, container, sas)
-
-
-# --- who: the credential -----------------------------------------------------------------------
-
-Credential = AzureSasCredential | AzureNamedKeyCredential
-
-
-@dataclass(frozen=True)
-class Auth:
-    """Where the credential came from (safe to show) and the credential itself (never shown);
-    ``credential=None`` means a token credential (DefaultAzureCredential), made per client."""
-
-    source: str
-    credential: Credential | None = field(default=None, repr=False)
-    secrets: tuple[str, ...] = field(default=(), repr=False)
-
-
-def _parse_connection_string(text: str) -> dict[str, str]:
-    """The ``key=value;...`` pairs of a connection string, keys lower-cased."""
-    pairs = (part.partition("=") for part in text.split(";") if part.strip())
-    return {key.strip().lower(): value.strip() for key, _, value in pairs}
-
-
-def _endpoint_key(url: str) -> tuple[str, int | None, str]:
-    parsed = urlparse(url)
-    port = parsed.port or {"https": 443, "http": 80}.get(parsed.scheme)
-    return (parsed.hostname or "").lower(), port, parsed.path.rstrip("/")
-
-
-def _connection_string_auth(text: str, location: BlobLocation) -> Auth | None:
-    """The credential of a connection string that names ``location``'s account, else None."""
-    fields = _parse_connection_string(text)
-    account = fields.get("accountname")
-    endpoint = fields.get("blobendpoint")
-    if endpoint is None and account:
-        protocol = fields.get("defaultendpointsprotocol", "https")
-        suffix = fields.get("endpointsuffix", "core.windows.net")
-        endpoint = f"{protocol}://{account}.blob.{suffix}"
-    if endpoint is None or _endpoint_key(endpoint) != _endpoint_key(location.account_url):
-        return None
-    source = f"{CONNECTION_STRING_ENV} (account {account or location.account_name})"
-    if sas := fields.get("sharedaccesssignature"):
-        return Auth(source, AzureSasCredential(sas.lstrip("?")), (text, sas))
-    if (key := fields.get("accountkey")) and account:
-        return Auth(source, AzureNamedKeyCredential(account, key), (text, key))
-    return None
-
-
-def resolve_auth(location: BlobLocation, environ: Mapping[str, str]) -> Auth:
-    """The credential for ``location``, in the order of this module's docstring.
-
-    Raises:
-        StoreError: ``AZURE_STORAGE_KEY`` is set but the URI does not tell the account name, or
-            a loopback (http) emulator would need a token credential, which requires TLS.
-    """
-    if location.sas_token:
-        return Auth("the URI's SAS token", AzureSasCredential(location.sas_token),
-                    (location.sas_token,))  # fmt: skip
-    if (text := environ.get(CONNECTION_STRING_ENV)) and (
-        auth := _connection_string_auth(text, location)
-    ):
-        return auth
-    if sas := environ.get(SAS_TOKEN_ENV):
-        return Auth(SAS_TOKEN_ENV, AzureSasCredential(sas.lstrip("?")), (sas,))
-    if key := environ.get(ACCOUNT_KEY_ENV):
-        if not location.account_name:
-            raise StoreError(
-                f"{ACCOUNT_KEY_ENV} is set but the account name of {location.uri!r} is unknown; "
-                f"use https://<account>.blob.core.windows.net/... or {CONNECTION_STRING_ENV}"
-            )
-        return Auth(ACCOUNT_KEY_ENV, AzureNamedKeyCredential(location.account_name, key), (key,))
-    if location.account_url.startswith("http://"):
-        raise StoreError(
-            f"no credentials for the emulator at {location.account_url}: set "
-            f"{CONNECTION_STRING_ENV}, {SAS_TOKEN_ENV} or {ACCOUNT_KEY_ENV} "
-            f"({DEFAULT_CREDENTIAL} needs https)"
-        )
-    return Auth(DEFAULT_CREDENTIAL)
-
-
-# --- how: retries and error messages -----------------------------------------------------------
-
-
-class _Backoff(ExponentialRetry):
-    """The SDK's storage retry policy with a plain exponential backoff: ``first_s * 2**n``
-    seconds before retry ``n`` (0-based), at most ``max_s``, jittered by ±20%."""
-
-    def __init__(self, *, retry_total: int, first_s: float, max_s: float) -> None:
-        super().__init__(
-            retry_total=retry_total,
-            retry_connect=retry_total,
-            retry_read=retry_total,
-            retry_status=retry_total,
-        )
-        self.first_s, self.max_s = first_s, max_s
-
-    def get_backoff_time(self, settings: dict[str, Any]) -> float:
-        return backoff_seconds(settings["count"], self.first_s, self.max_s)
-
-
-def backoff_seconds(retry: int, first_s: float, max_s: float) -> float:
-    """Seconds to wait before retry number ``retry`` (0-based): exponential, capped, jittered."""
-    return min(max_s, first_s * 2**retry) * random.uniform(0.8, 1.2)
-
-
-def _is_transient(error: BaseException) -> bool:
-    """True for a dropped connection, a broken-off body or a 408/429/5xx answer."""
-    if isinstance(error, ServiceRequestError | ServiceResponseError):
-        return True
-    if isinstance(error, HttpResponseError | BlobStatusError):
-        return error.status_code in _TRANSIENT_STATUS
-    return isinstance(error, aiohttp.ClientError | ConnectionError | TimeoutError)
-
-
-def _scrub(text: str, secrets: tuple[str, ...]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return _SIGNATURE.sub(lambda m: f"{m.group(1)}=***", text)
-
-
-def _error_code(error: BaseException) -> str | None:
-    """The storage error code (``x-ms-error-code``) of an SDK error, if any."""
-    code = getattr(error, "error_code", None)
-    return None if code is None else str(getattr(code, "value", code))  # enum member or text
 
 
 async def _container_exists(container: ContainerClient) -> bool | None:
@@ -294,7 +91,7 @@ async def _container_exists(container: ContainerClient) -> bool | None:
     try:
         return await container.exists()
     except HttpResponseError as err:
-        if _error_code(err) not in _PERMISSION_CODES:
+        if error_code(err) not in _PERMISSION_CODES:
             raise
     try:
         async for _ in container.list_blobs(results_per_page=1):
@@ -302,7 +99,7 @@ async def _container_exists(container: ContainerClient) -> bool | None:
     except ResourceNotFoundError:
         return False
     except HttpResponseError as err:
-        if _error_code(err) not in _PERMISSION_CODES:
+        if error_code(err) not in _PERMISSION_CODES:
             raise
         return None
     return True
@@ -438,7 +235,7 @@ class AzureBlobStore(BlobStore):
             self.location.account_url,
             credential=credential,
             transport=AioHttpTransport(session=session, session_owner=False),
-            retry_policy=_Backoff(
+            retry_policy=Backoff(
                 retry_total=self.retry_total, first_s=self.backoff_s, max_s=self.max_backoff_s
             ),
             connection_timeout=self.connection_timeout_s,
@@ -505,17 +302,17 @@ class AzureBlobStore(BlobStore):
     def _error(self, doing: str, error: BaseException) -> StoreError:
         """A StoreError naming this store, what failed and why, without any secret."""
         status = getattr(error, "status_code", None)
-        code = _error_code(error)
+        code = error_code(error)
         reason = str(getattr(error, "message", None) or error).strip().splitlines() or [""]
         detail = ", ".join(str(x) for x in (status and f"HTTP {status}", code) if x)
         text = f"{self.uri}: {doing}: {type(error).__name__}"
         text += f" ({detail})" if detail else ""
         text += f": {reason[0]} [credentials from {self.auth.source}]"
         made = tuple(self._sas.secrets) if self._sas is not None else ()
-        return StoreError(_scrub(text, self.auth.secrets + made))
+        return StoreError(scrub(text, self.auth.secrets + made))
 
     def _not_found(self, name: str, error: BaseException) -> StoreError:
-        if _error_code(error) == "ContainerNotFound":
+        if error_code(error) == "ContainerNotFound":
             return self._error(f"cannot read blob {name!r}: the container is gone", error)
         return BlobNotFoundError(f"blob {name!r} not found in {self.uri}")
 
@@ -547,10 +344,10 @@ class AzureBlobStore(BlobStore):
                 await asyncio.sleep(wait)
             try:
                 return await self._download(key, etag)
-            except (*_READ_ERRORS, BlobStatusError) as err:
+            except (*READ_ERRORS, BlobStatusError) as err:
                 if getattr(err, "status_code", None) == _NOT_FOUND:
                     raise self._not_found(name, err) from None
-                if not _is_transient(err):
+                if not is_transient(err):
                     raise self._error(f"cannot read blob {name!r}", err) from None
                 last = err
         assert last is not None
@@ -585,8 +382,8 @@ class AzureBlobStore(BlobStore):
         for retry in range(self.retry_total + 1):
             try:
                 return await reads.get(url, etag)
-            except (*_READ_ERRORS, BlobStatusError) as err:
-                if retry == self.retry_total or not _is_transient(err):
+            except (*READ_ERRORS, BlobStatusError) as err:
+                if retry == self.retry_total or not is_transient(err):
                     raise
                 wait = getattr(err, "retry_after_s", None)
                 if wait is None:

@@ -1,22 +1,14 @@
 """The Azure Cosmos DB metadata store: one JSON document per image, selected with Cosmos SQL.
 
-``cosmos://<host>[:port]/<database>/<container>[?filter=udf]`` opens it. The key comes from
-``SSLPIPE_COSMOS_KEY``; without it ``DefaultAzureCredential`` is used (the managed identity on
-Azure ML). TLS certificates are verified for every host except the loopback names
-(127.0.0.1, ::1, localhost), where the local emulator serves a self-signed certificate.
+``cosmos://<host>[:port]/<database>/<container>[?filter=udf]`` opens it
+(:mod:`sslpipe.stores.cosmos_location`). The key comes from ``SSLPIPE_COSMOS_KEY``; without it
+``DefaultAzureCredential`` is used (the managed identity on Azure ML). TLS certificates are
+verified for every host except the loopback names (127.0.0.1, ::1, localhost), where the local
+emulator serves a self-signed certificate.
 
 Filters compile to Cosmos SQL whose values travel only as query parameters
-(:func:`compile_filter`), with the SQLite store's semantics and its leniency about mistyped
-fields:
-
-- a taxonomy path (a non-empty list of strings in an object of ``labels_with_taxonomy``)
-  matches a prefix when its first ``len(prefix)`` levels equal it; exclude wins. Each needed
-  prefix length n gives every path's "head" ``ARRAY_SLICE(p, 0, n)``, so a prefix list is one
-  ``ARRAY_CONTAINS(@prefixes, head)``;
-- ``n_annotators`` is the number of distinct annotator ids compared by their text as Python's
-  ``str`` writes them (``701`` and ``"701"`` are one annotator; missing and null are one);
-- with ``?filter=udf`` the label part calls the seed's UDF ``filterDocumentsByLabels``
-  (:mod:`sslpipe.stores.cosmos_udf`); the other conditions stay SQL.
+(:func:`sslpipe.stores.cosmos_query.compile_filter`, where the query's shape is explained); the
+SDK's retries are set by :class:`sslpipe.stores.cosmos_retry.RetrySettings`.
 
 ``select`` is one query for the matching documents, read page by page into a temporary SQLite
 file that returns them in id order (code point order, as the SQLite store's BINARY collation)
@@ -27,30 +19,14 @@ server evaluate ``ARRAY_CONTAINS(@ids, c.id)`` against every document once per c
 benchmark of 2026-12-02; one query takes 2.6 s where reading them all takes 1.2 s, in that of
 2026-12-03.)
 
-The Cosmos-compatible test server (npm ``@vercel/cosmosdb-server`` 1.0.1, whose SQL engine is
-``@zeit/cosmosdb-query`` 0.7.2) shaped the query; everything used is standard Cosmos SQL:
+The Cosmos-compatible test server (npm ``@vercel/cosmosdb-server`` 1.0.1):
 
-- its parser backtracks exponentially with expression nesting: each level of parentheses or
-  function call costs about 6x; depth 6 takes over 10 s and depth 10 hangs the (single-threaded)
-  server. Hence the derived arrays in JOINs (``JOIN (SELECT VALUE ARRAY(...)) AS paths``, one
-  row per document) and a WHERE clause that tests them shallowly: the query stays at paren
-  depth 3 (a test guards it) and parses in under a second;
-- ``x IN expr`` over a value that is not an array (a string, a number, an object) crashes the
-  whole query, and ``AND`` evaluates both sides, so iteration is only over arrays built by
-  ``IS_ARRAY(v) ? v : []`` or filtered with ``IS_ARRAY``;
-- no ``DISTINCT``, no ``GROUP BY``, no ``OFFSET ... LIMIT``: distinct annotators are counted as
-  the sum of 1 / multiplicity (compared with ``> n - 0.5``), ``limit`` is applied client-side;
-- ``ORDER BY`` compares strings by UTF-16 code units (unlike SQLite beyond the Basic
-  Multilingual Plane): ids are ordered client-side;
 - it ignores the key (any key is accepted), and numbers are JavaScript numbers: an annotator id
   ``701.0`` reads back as ``701`` (one annotator with ``701``, unlike SQLite's "701.0");
   annotator ids that are lists or objects compare by their JSON text (SQLite: Python's repr);
 - it closes the connection after every response, so unverified connections share one TLS
   context (:func:`_unverified_transport`) instead of loading the CA bundle per request;
 - the SDK itself never verifies certificates of "localhost" and "127.0.0.1" (but does for ::1).
-
-Not run against Azure here: correlated JOIN subqueries and ``SUM`` over them are standard
-Cosmos SQL, but their request-unit cost on large containers is unmeasured.
 """
 
 from __future__ import annotations
@@ -64,22 +40,30 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
-from urllib.parse import parse_qs, unquote, urlparse
 
 from azure.core.exceptions import AzureError
 from azure.cosmos import ContainerProxy, CosmosClient, PartitionKey
 from azure.cosmos.exceptions import (
-    CosmosHttpResponseError,
     CosmosResourceExistsError,
     CosmosResourceNotFoundError,
 )
 
-from sslpipe.filters import ImageFilter, TaxonomyPath
+from sslpipe.filters import ImageFilter
 from sslpipe.stores.base import MetadataStore, StoreError, UpsertReport
+from sslpipe.stores.cosmos_location import (
+    FILTER_MODES,
+    KEY_ENV,
+    LOOPBACK_HOSTS,
+    URI_FORM,
+    CosmosLocation,
+    parse_cosmos_uri,
+    verify_tls_for,
+)
+from sslpipe.stores.cosmos_query import compile_filter
+from sslpipe.stores.cosmos_retry import RetrySettings, error_reason
 from sslpipe.stores.cosmos_udf import UDF_BODY, UDF_ID
 from sslpipe.uris import redact_uri
 
@@ -88,14 +72,29 @@ if TYPE_CHECKING:
 
     Credential = str | TokenCredential
 
+__all__ = [
+    "FILTER_MODES",
+    "KEY_ENV",
+    "LOOPBACK_HOSTS",
+    "PARTITION_KEY_PATH",
+    "SYSTEM_FIELDS",
+    "URI_FORM",
+    "CosmosLocation",
+    "CosmosMetadataStore",
+    "RetrySettings",
+    "compile_filter",
+    "in_id_order",
+    "install_udf",
+    "parse_cosmos_uri",
+    "strip_system_fields",
+    "verify_tls_for",
+]
+
 log = logging.getLogger(__name__)
 
-KEY_ENV = "SSLPIPE_COSMOS_KEY"
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 SYSTEM_FIELDS = ("_rid", "_self", "_etag", "_attachments", "_ts")
 PARTITION_KEY_PATH = "/id"
-FILTER_MODES = ("sql", "udf")
-URI_FORM = "cosmos://<host>[:port]/<database>/<container>[?filter=udf]"
+
 
 # Documents per read query in upsert (ids travel in one ARRAY_CONTAINS parameter), and the
 # page size of queries.
@@ -109,248 +108,6 @@ warnings.filterwarnings(
     "ignore",
     message=r"Unverified HTTPS request is being made to host '(127\.0\.0\.1|::1|localhost)'",
 )
-
-# --- URIs and TLS ----------------------------------------------------------------------------
-
-
-def verify_tls_for(host: str) -> bool:
-    """Whether to verify the server's certificate: False only for the loopback names."""
-    return host.strip("[]").lower() not in LOOPBACK_HOSTS
-
-
-@dataclass(frozen=True)
-class CosmosLocation:
-    """Where a Cosmos DB container is, parsed from a ``cosmos://`` URI."""
-
-    endpoint: str
-    database: str
-    container: str
-    use_udf: bool = False
-
-    @property
-    def host(self) -> str:
-        return urlparse(self.endpoint).hostname or ""
-
-    @property
-    def verify_tls(self) -> bool:
-        return verify_tls_for(self.host)
-
-    @property
-    def uri(self) -> str:
-        """The store's URI without credentials."""
-        netloc = urlparse(self.endpoint).netloc
-        query = "?filter=udf" if self.use_udf else ""
-        return f"cosmos://{netloc}/{self.database}/{self.container}{query}"
-
-
-def _uri_error(uri: str, reason: str) -> StoreError:
-    return StoreError(f"invalid Cosmos DB URI {redact_uri(uri)!r}: {reason}; expected {URI_FORM}")
-
-
-def _filter_mode(uri: str, query: str) -> bool:
-    """True for ``?filter=udf``; raises StoreError for any other query parameter."""
-    fields = parse_qs(query, keep_blank_values=True)
-    unknown = sorted(set(fields) - {"filter"})
-    if unknown:
-        raise _uri_error(uri, f"unknown query parameter(s) {', '.join(unknown)}")
-    modes = fields.get("filter", ["sql"])
-    if len(modes) != 1 or modes[0] not in FILTER_MODES:
-        raise _uri_error(uri, f"filter must be one of {FILTER_MODES}")
-    return modes[0] == "udf"
-
-
-def parse_cosmos_uri(uri: str) -> CosmosLocation:
-    """``cosmos://host[:port]/db/container[?filter=udf]`` -> its CosmosLocation.
-
-    Raises:
-        StoreError: for another scheme, a missing host, database or container, credentials in
-            the URI, or an unknown query parameter. The message never repeats a secret.
-    """
-    parsed = urlparse(uri)
-    if parsed.scheme != "cosmos":
-        raise _uri_error(uri, f"the scheme is {parsed.scheme!r}, not 'cosmos'")
-    if "@" in parsed.netloc:
-        raise _uri_error(
-            uri, f"credentials do not belong in the URI; set {KEY_ENV} or use an Azure identity"
-        )
-    try:
-        host, port = parsed.hostname, parsed.port
-    except ValueError as err:
-        raise _uri_error(uri, f"bad port ({err})") from None
-    if not host:
-        raise _uri_error(uri, "no host")
-    names = [unquote(part) for part in parsed.path.split("/")[1:]]
-    if len(names) != 2 or not all(name.strip() for name in names):
-        raise _uri_error(uri, "the path must name exactly a database and a container")
-    use_udf = _filter_mode(uri, parsed.query)
-    netloc = f"[{host}]" if ":" in host else host
-    endpoint = f"https://{netloc}{f':{port}' if port else ''}/"
-    return CosmosLocation(endpoint, names[0], names[1], use_udf)
-
-
-# --- filters -> Cosmos SQL ---------------------------------------------------------------------
-
-_LABELS = "c.labels_with_taxonomy"
-
-# Derived arrays, one JOIN each. Every JOIN yields exactly one (always defined) value per
-# document, so it adds no rows; the WHERE clause then tests shallow expressions only.
-_JOIN_LABELS = f"JOIN (SELECT VALUE IS_ARRAY({_LABELS}) ? {_LABELS} : []) AS labels"
-# Annotator ids as Python's str() writes them: missing and null are "None", true is "True".
-_JOIN_ANNOTATORS = (
-    "JOIN (SELECT VALUE ARRAY(SELECT VALUE IS_NULL(a.annotator_id) ? @annotator_none"
-    " : a.annotator_id = true ? @annotator_true : a.annotator_id = false ? @annotator_false"
-    " : ToString(a.annotator_id) ?? @annotator_none FROM a IN labels WHERE IS_OBJECT(a)))"
-    " AS annotators"
-)
-_JOINS_PATHS = (
-    "JOIN (SELECT VALUE ARRAY(SELECT VALUE a.taxonomy FROM a IN labels"
-    " WHERE IS_OBJECT(a) AND IS_ARRAY(a.taxonomy))) AS taxonomies",
-    "JOIN (SELECT VALUE ARRAY(SELECT VALUE p FROM t IN taxonomies JOIN p IN t"
-    " WHERE IS_ARRAY(p))) AS candidates",
-    # Candidate paths with a level that is not text are no paths (as in SQLite).
-    "JOIN (SELECT VALUE ARRAY(SELECT VALUE p FROM p IN candidates JOIN s IN p"
-    " WHERE NOT IS_STRING(s))) AS mixed",
-    "JOIN (SELECT VALUE ARRAY(SELECT VALUE p FROM p IN candidates"
-    " WHERE NOT ARRAY_CONTAINS(mixed, p))) AS paths",
-)
-# sum over annotators of 1 / (number of annotators with the same id) = distinct ids.
-_N_ANNOTATORS = (
-    "(SELECT VALUE SUM(1.0 / m) FROM k IN annotators"
-    " JOIN (SELECT VALUE COUNT(1) FROM j IN annotators WHERE j = k) AS m)"
-)
-
-
-class _Parameters:
-    """Named query parameters; values never enter the query text."""
-
-    def __init__(self) -> None:
-        self.items: list[dict[str, Any]] = []
-
-    def add(self, name: str, value: Any) -> str:
-        """Register ``value`` under ``@name`` and return the placeholder."""
-        placeholder = f"@{name}"
-        self.items.append({"name": placeholder, "value": value})
-        return placeholder
-
-
-def _annotator_joins(params: _Parameters) -> list[str]:
-    """JOINs defining ``annotators``: one id text per annotation object."""
-    params.add("annotator_none", "None")
-    params.add("annotator_true", "True")
-    params.add("annotator_false", "False")
-    return [_JOIN_ANNOTATORS]
-
-
-def _heads_joins(prefixes: list[TaxonomyPath], params: _Parameters) -> list[str]:
-    """JOINs defining ``heads``: the first n levels of every path, for each prefix length n.
-
-    A path starts with prefix q exactly when its head of length len(q) equals q, so a
-    prefix filter is one ARRAY_CONTAINS over ``heads``.
-    """
-    joins = list(_JOINS_PATHS)
-    lengths = sorted({len(prefix) for prefix in prefixes})
-    for index, length in enumerate(lengths):
-        levels = params.add(f"levels_{index}", length)
-        joins.append(
-            f"JOIN (SELECT VALUE ARRAY(SELECT VALUE ARRAY_SLICE(p, 0, {levels}) FROM p IN paths))"
-            f" AS heads_{index}"
-        )
-    parts = ", ".join(f"heads_{index}" for index in range(len(lengths)))
-    joins.append(
-        f"JOIN (SELECT VALUE {f'ARRAY_CONCAT({parts})' if len(lengths) > 1 else parts}) AS heads"
-    )
-    return joins
-
-
-def _head_test(name: str, prefixes: list[TaxonomyPath], params: _Parameters) -> str:
-    values = params.add(name, [list(prefix) for prefix in prefixes])
-    return f"EXISTS(SELECT VALUE 1 FROM h IN heads WHERE ARRAY_CONTAINS({values}, h))"
-
-
-def _label_sql(image_filter: ImageFilter, params: _Parameters) -> tuple[list[str], list[str]]:
-    """JOINs and conditions for the label prefixes in plain SQL."""
-    include, exclude = image_filter.include_labels, image_filter.exclude_labels
-    if not include and not exclude:
-        return [], []
-    joins = _heads_joins([*include, *exclude], params)
-    where = []
-    if include:
-        where.append(_head_test("include_labels", include, params))
-    if exclude:
-        where.append(f"NOT {_head_test('exclude_labels', exclude, params)}")
-    return joins, where
-
-
-def _label_udf(image_filter: ImageFilter, params: _Parameters) -> list[str]:
-    """The label conditions through the UDF: it returns the included paths, [] if excluded."""
-    include = [list(p) for p in image_filter.include_labels]
-    exclude = [list(p) for p in image_filter.exclude_labels]
-    if include:
-        wanted, unwanted = (
-            params.add("include_labels", include),
-            params.add("exclude_labels", exclude),
-        )
-        return [f"ARRAY_LENGTH(udf.{UDF_ID}(c.id, {_LABELS}, {wanted}, {unwanted})) > 0"]
-    if exclude:
-        # The paths that match an exclude prefix: the UDF called with them as includes.
-        wanted, unwanted = params.add("exclude_labels", exclude), params.add("no_labels", [])
-        return [f"ARRAY_LENGTH(udf.{UDF_ID}(c.id, {_LABELS}, {wanted}, {unwanted})) = 0"]
-    return []
-
-
-def _field_conditions(image_filter: ImageFilter, params: _Parameters) -> list[str]:
-    """Conditions on the document's own fields, lenient like SQLite about wrong types."""
-    where = []
-    if image_filter.exclude_blurred:
-        # Missing or mistyped is_blurred is not "known blurred".
-        where.append("NOT (IS_BOOL(c.is_blurred) AND c.is_blurred)")
-    if image_filter.sortout is not None:
-        where.append(f"ARRAY_CONTAINS({params.add('sortout', image_filter.sortout)}, c.sortout)")
-    if image_filter.require_review:
-        where.append("c.has_review = true")
-    return where
-
-
-def _annotator_conditions(image_filter: ImageFilter, params: _Parameters) -> list[str]:
-    where = []
-    if image_filter.labelled != "any":
-        where.append(
-            f"ARRAY_LENGTH(annotators) {'>' if image_filter.labelled == 'labelled' else '='} 0"
-        )
-    if image_filter.min_annotators > 0:
-        minimum = params.add("min_annotators", image_filter.min_annotators)
-        where.append(f"{_N_ANNOTATORS} > {minimum} - 0.5")  # the sum is a float
-    return where
-
-
-def compile_filter(
-    image_filter: ImageFilter, *, use_udf: bool = False, documents: bool = False
-) -> tuple[str, list[dict[str, Any]]]:
-    """The Cosmos SQL selecting the ids of matching documents (the documents themselves with
-    ``documents``), and its parameters.
-
-    Returns ``(query_text, [{"name": "@...", "value": ...}, ...])``; no filter value is ever
-    part of the text. ``limit`` and the id order are applied by the caller (see the module
-    docstring). With ``use_udf`` the label prefixes go to ``udf.filterDocumentsByLabels``.
-    """
-    params = _Parameters()
-    joins: list[str] = []
-    where = _field_conditions(image_filter, params)
-    annotator_where = _annotator_conditions(image_filter, params)
-    label_joins, label_where = (
-        ([], _label_udf(image_filter, params)) if use_udf else _label_sql(image_filter, params)
-    )
-    if annotator_where or label_joins:
-        joins.append(_JOIN_LABELS)
-    if annotator_where:
-        joins.extend(_annotator_joins(params))
-    joins.extend(label_joins)
-    query = " ".join([f"SELECT VALUE {'c' if documents else 'c.id'} FROM c", *joins])
-    conditions = [*where, *annotator_where, *label_where]
-    if conditions:
-        query += " WHERE " + " AND ".join(conditions)
-    return query, params.items
-
 
 # --- documents ---------------------------------------------------------------------------------
 
@@ -412,49 +169,6 @@ def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
 
 
 # --- the store ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RetrySettings:
-    """The SDK's retry options. 429 responses are retried after the server's retry-after
-    (at most ``total`` times, waiting at most ``backoff_max_s`` in all); 503 and connection
-    errors (refused, reset) up to ``connect`` / ``read`` times. Defaults are the SDK's."""
-
-    total: int = 9
-    backoff_max_s: int = 30
-    connect: int = 3
-    read: int = 3
-    backoff_factor: float = 1.0
-
-    def client_kwargs(self) -> dict[str, Any]:
-        return {
-            "retry_total": self.total,
-            "retry_backoff_max": self.backoff_max_s,
-            "retry_connect": self.connect,
-            "retry_read": self.read,
-            "retry_backoff_factor": self.backoff_factor,
-            # Upserts are idempotent, so a write whose response was lost may be sent again.
-            "retry_write": self.connect,
-        }
-
-
-_STATUS_HINTS = {
-    401: f"the key or identity was refused: check {KEY_ENV} or the identity's role",
-    403: "forbidden: the identity needs a Cosmos DB data-plane role on this account",
-    429: "request rate too large after the retries: raise the RU/s or retry later",
-    503: "service unavailable after the retries: retry later",
-}
-
-
-def _reason(err: Exception) -> str:
-    """A one-line reason for an SDK error (status code, hint and the server's first line)."""
-    if isinstance(err, CosmosHttpResponseError):
-        lines = str(err.message or err.reason or "").strip().splitlines()
-        first = next((line for line in lines if line.strip()), "no message").strip()[:300]
-        hint = _STATUS_HINTS.get(err.status_code or 0)
-        return f"HTTP {err.status_code}{f', {hint}' if hint else ''}: {first}"
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {(text[0] if text else 'no message')[:300]}"
 
 
 class CosmosMetadataStore(MetadataStore):
@@ -551,7 +265,7 @@ class CosmosMetadataStore(MetadataStore):
         loc = self.location
         message = (
             f"Cosmos DB {loc.endpoint} database {loc.database!r} container "
-            f"{loc.container!r}: {operation} failed ({_reason(err)})"
+            f"{loc.container!r}: {operation} failed ({error_reason(err)})"
         )
         if self._secret:
             message = message.replace(self._secret, "***")

@@ -8,7 +8,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from sslpipe.classifier.augment import eval_transform, train_transform
-from sslpipe.moco.augment import eval_transform as moco_eval_transform
+from sslpipe.moco.preprocessing import eval_transform as moco_eval_transform
 
 
 def steps(transform: T.Compose) -> list[type]:

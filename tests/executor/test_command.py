@@ -2,7 +2,7 @@
 
 import pytest
 
-from sslpipe.executor.local import CommandError, format_value, resolve_command
+from sslpipe.executor.commands import CommandError, format_value, resolve_command
 
 COMMAND = (
     "python main.py --ids ${{inputs.ids}} $[[--limit ${{inputs.limit}}]] "

@@ -12,7 +12,7 @@ from azure.ai.ml.entities import PipelineJob
 
 from sslpipe.executor import (
     InputSpec,
-    Literal,
+    LiteralValue,
     OutputSpec,
     PipelineGraph,
     PipelineGraphError,
@@ -59,11 +59,11 @@ def test_pipeline_inputs_resolve_to_given_values_or_to_defaults(bench: Bench) ->
     graph = PipelineGraph.from_pipeline_job(bench.tiny_job(), pipeline_inputs={"message": "bye"})
 
     write, read = graph.steps["write"], graph.steps["read"]
-    assert write.bindings["message"] == Literal("bye")  # given
-    assert read.bindings["upper"] == Literal(False)  # pipeline default, still a bool
-    assert write.bindings["repeat"] == Literal(1)  # component default
+    assert write.bindings["message"] == LiteralValue("bye")  # given
+    assert read.bindings["upper"] == LiteralValue(False)  # pipeline default, still a bool
+    assert write.bindings["repeat"] == LiteralValue(1)  # component default
     assert "suffix" not in write.bindings  # optional and unbound
-    assert write.bindings["source"] == Literal(str(bench.root / "source.txt"))
+    assert write.bindings["source"] == LiteralValue(str(bench.root / "source.txt"))
     assert graph.inputs["message"] == "bye"
 
 
@@ -76,7 +76,7 @@ def test_relative_local_paths_in_pipeline_inputs_become_absolute(
         bench.tiny_job(), pipeline_inputs={"source": "helperlib/greeting.txt"}
     )
 
-    assert graph.steps["write"].bindings["source"] == Literal(
+    assert graph.steps["write"].bindings["source"] == LiteralValue(
         str(bench.root / "helperlib" / "greeting.txt")
     )
 
@@ -106,7 +106,7 @@ def test_remote_data_is_rejected_with_a_hint_to_pass_a_local_path(bench: Bench) 
     graph = PipelineGraph.from_pipeline_job(
         job, pipeline_inputs={"source": bench.root / "source.txt"}
     )
-    assert graph.steps["write"].bindings["source"] == Literal(str(bench.root / "source.txt"))
+    assert graph.steps["write"].bindings["source"] == LiteralValue(str(bench.root / "source.txt"))
 
 
 def test_a_reference_to_an_unknown_step_or_output_is_reported() -> None:
@@ -195,9 +195,9 @@ def test_a_yaml_pipeline_gives_the_same_kind_of_graph_as_a_dsl_pipeline(bench: B
 
     write, read = graph.steps["write"], graph.steps["read"]
     assert (write.component_name, read.component_name) == ("writer", "reader")
-    assert write.bindings["source"] == Literal(str(bench.root / "source.txt"))
-    assert write.bindings["message"] == Literal("hello world")
-    assert read.bindings == {"text": UpstreamOutput("write", "out"), "upper": Literal(True)}
+    assert write.bindings["source"] == LiteralValue(str(bench.root / "source.txt"))
+    assert write.bindings["message"] == LiteralValue("hello world")
+    assert read.bindings == {"text": UpstreamOutput("write", "out"), "upper": LiteralValue(True)}
 
 
 def test_sub_pipelines_are_flattened_into_prefixed_steps(bench: Bench) -> None:
@@ -224,5 +224,5 @@ def test_sub_pipelines_are_flattened_into_prefixed_steps(bench: Bench) -> None:
         "writer",
     ]
     assert graph.steps["first.read"].bindings["text"] == UpstreamOutput("first.write", "out")
-    assert graph.steps["first.read"].bindings["upper"] == Literal(True)
+    assert graph.steps["first.read"].bindings["upper"] == LiteralValue(True)
     assert graph.steps["writer"].bindings["source"] == UpstreamOutput("first.read", "result")

@@ -12,7 +12,8 @@ from azure.ai.ml.entities import JobResourceConfiguration
 from pipelines import PIPELINES
 from sslpipe.config import ConfigError, load_config
 from sslpipe.executor import CommandError, PipelineGraph, PipelineGraphError, StepFailedError
-from sslpipe.executor.local import compute_cache_key, torchrun_argv
+from sslpipe.executor.cache import compute_cache_key
+from sslpipe.executor.commands import torchrun_argv
 
 from .helpers import Bench
 

@@ -1,4 +1,5 @@
-"""Specification of the MoCo v2 augmentations and the evaluation transform."""
+"""Specification of the MoCo v2 augmentations (torchvision's reference, the two-crop wrapper,
+the blur kernel) and the evaluation transform."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from sslpipe.moco import TwoCropsTransform, eval_transform, moco_v2_transform
-from sslpipe.moco.augment import blur_kernel_size
+from sslpipe.moco import TwoCropsTransform, eval_transform
+from sslpipe.moco.batch_augment import blur_kernel_size
+from tests.moco.torchvision_moco_v2 import moco_v2_transform
 
 
 def _image(width: int = 48, height: int = 40, mode: str = "RGB") -> Image.Image:

@@ -95,11 +95,10 @@ def _photos(count: int = 48, size: int = 40) -> list[Image.Image]:
     return patches
 
 
-def _views(
-    photos: list[Image.Image], batched: bool, repeats: int, seed: int = 1
-) -> torch.Tensor:
+def _views(photos: list[Image.Image], batched: bool, repeats: int, seed: int = 1) -> torch.Tensor:
     """(repeats, 2, N, 3, S, S): two views of every photo, ``repeats`` times."""
-    from sslpipe.moco import TwoCropsTransform, moco_v2_transform
+    from sslpipe.moco import TwoCropsTransform
+    from tests.moco.torchvision_moco_v2 import moco_v2_transform
 
     size = 24
     torch.manual_seed(seed)

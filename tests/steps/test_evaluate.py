@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -406,7 +408,10 @@ def test_the_entry_point_runs_the_step(
 
 def test_a_skipped_training_is_reported_and_nothing_is_registered(tmp_path: Path) -> None:
     decision = GuardDecision(
-        True, "data d1 and setup s1 unchanged since models:/image-classifier/4", "d1", "s1",
+        True,
+        "data d1 and setup s1 unchanged since models:/image-classifier/4",
+        "d1",
+        "s1",
         {"name": "image-classifier", "version": "4", "uri": "models:/image-classifier/4"},
     )
     write_skipped(tmp_path / "model", decision, step="classifier_train")
@@ -424,3 +429,50 @@ def test_a_skipped_training_is_reported_and_nothing_is_registered(tmp_path: Path
     record = json.loads((tmp_path / "report" / "skipped.json").read_text())
     assert record["data_fingerprint"] == "d1"
     assert not (tmp_path / "report" / "registered_model.json").exists()
+
+
+# The report's modules with `import mlflow` (and the registry) failing: a machine without MLflow.
+REPORT_WITHOUT_MLFLOW = """
+import json, sys
+from pathlib import Path
+
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "mlflow":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+
+from sslpipe.evaluation.metrics import compute_metrics, quality_gate
+from sslpipe.evaluation.report import plot_confusion_matrix, render_report
+
+metrics = compute_metrics(["cat", "dog", "dog"], ["cat", "dog", "cat"], ["cat", "dog"])
+gate = quality_gate(metrics, 0.5)
+data = {"dir": "data", "split_counts": {"test": 3}, "skipped": []}
+model = {"dir": "model", "backbone": {"name": "resnet18"}, "image_size": 32, "lineage": {}}
+report = render_report(metrics=metrics, gate=gate, registered=None, data=data, model=model)
+plot_confusion_matrix(Path(sys.argv[1]), metrics["confusion_matrix"], metrics["classes"])
+print(json.dumps({
+    "loaded": sorted(m for m in sys.modules if m.partition(".")[0] == "mlflow"
+                     or m in ("sslpipe.registry", "sslpipe.tracking")),
+    "report": report,
+}))
+"""
+
+
+def test_the_report_renders_without_mlflow_or_a_registry(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", REPORT_WITHOUT_MLFLOW, str(tmp_path / "matrix.png")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == []
+    assert "registration disabled" in result["report"]
+    assert "| **macro avg** |" in result["report"]
+    assert (tmp_path / "matrix.png").read_bytes().startswith(PNG_MAGIC)
