@@ -30,7 +30,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from sslpipe.cli_parser import OneLineErrorParser
+from sslpipe.cli.commands import OneLineErrorParser
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS_FILE = "requirements.txt"

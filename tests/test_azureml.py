@@ -353,7 +353,7 @@ def test_cli_dry_run_writes_and_validates_the_yaml(tmp_path: Path) -> None:
 def test_cli_exits_2_with_one_error_line_per_problem(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from sslpipe.cli import main
+    from sslpipe.cli.pipelines import main
 
     code = main(
         [

@@ -244,7 +244,7 @@ def test_a_failed_step_names_its_log_and_resume_continues_the_same_run(tmp_path:
     assert execute(tmp_path, "--dry-run", sets=strict).returncode == 0
     # Build the demo catalog, then break every image so that data_prep must fail.
     assert execute(tmp_path, sets=[*strict, "filter.limit=0"]).returncode == 2  # invalid limit
-    from sslpipe.cli import prepare_workspace
+    from sslpipe.cli.pipelines import prepare_workspace
     from sslpipe.config import load_config
 
     prepare_workspace(load_config(None, [f"workspace={tmp_path}"]), demo=True)

@@ -25,7 +25,7 @@ from classifier_testkit import (
     write_corrupt,
 )
 
-from sslpipe.models_cli import main
+from sslpipe.cli.models import main
 from sslpipe.registry import (
     configure_tracking,
     register_backbone,
@@ -212,7 +212,7 @@ def test_the_help_lists_every_command_with_a_one_line_description(tmp_path: Path
 
 
 def test_every_command_the_readme_names_is_listed_and_run_by_its_module() -> None:
-    from sslpipe.cli_parser import COMMANDS
+    from sslpipe.cli.commands import COMMANDS
 
     named = set(re.findall(r"python -m sslpipe ([a-z][a-z-]+)", README.read_text()))
     assert named == set(EVERY_COMMAND) == {command.name for command in COMMANDS}
@@ -224,7 +224,7 @@ def test_every_command_the_readme_names_is_listed_and_run_by_its_module() -> Non
 
 @pytest.mark.parametrize("name", EVERY_COMMAND)
 def test_every_command_has_its_own_help(name: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from sslpipe.cli_parser import summary
+    from sslpipe.cli.commands import summary
 
     with pytest.raises(SystemExit) as exited:
         top_level_main([name, "--help"])

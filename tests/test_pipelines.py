@@ -105,7 +105,7 @@ def test_an_unknown_baseline_input_is_refused(tmp_path: Path) -> None:
 def test_the_local_dry_run_lists_the_baseline_branches(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from sslpipe.cli import main
+    from sslpipe.cli.pipelines import main
 
     code = main(["--pipeline", "full", "--dry-run", "--no-demo", "--set", f"workspace={tmp_path}"])
     assert code == 0
@@ -166,7 +166,7 @@ def test_the_local_run_pins_the_classifier_s_backbone_and_keys_the_registering_s
 def test_the_local_dry_run_says_when_the_classifier_would_fail_and_creates_no_registry(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from sslpipe.cli import main
+    from sslpipe.cli.pipelines import main
 
     code = main(["--pipeline", "classifier", "--dry-run", "--set", f"workspace={tmp_path}"])
 

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from pipelines import PIPELINES
-from sslpipe import cli, schedules
+from sslpipe import schedules
+from sslpipe.cli import pipelines as cli
 from sslpipe.config import load_config
 from sslpipe.schedules import ScheduleError, ScheduleRequest, validate_cron, validate_time_zone
 from tests.test_azureml import AZURE_STORES, WORKSPACE

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Any
 
-from sslpipe.component_cli import run_component
+from sslpipe.cli.component import run_component
 from sslpipe.config import EvaluateConfig
 from sslpipe.steps.evaluate import run_evaluate
 

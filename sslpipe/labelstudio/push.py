@@ -372,7 +372,7 @@ def predict_images(model_ref: str, image_ids: Sequence[str], blob_uri: str) -> p
 
     The MLflow tracking URI must be set (as ``python -m sslpipe predict`` does).
     """
-    from sslpipe.models_cli import CHUNK
+    from sslpipe.cli.models import CHUNK
     from sslpipe.registry import load_classifier
     from sslpipe.serving.classifier import describe_error
 

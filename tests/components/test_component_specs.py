@@ -21,7 +21,7 @@ from azure.ai.ml import load_component
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from sslpipe.component_cli import build_parser, load_spec, parse_bool, run_component
+from sslpipe.cli.component import build_parser, load_spec, parse_bool, run_component
 from sslpipe.config import DataPrepConfig, LabelsConfig, MocoConfig
 from sslpipe.filters import ImageFilter, filter_argument
 from sslpipe.labelled import parse_split

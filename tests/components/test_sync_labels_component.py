@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from azure.ai.ml import load_component
 
-from sslpipe.component_cli import build_parser, load_spec, run_component
+from sslpipe.cli.component import build_parser, load_spec, run_component
 from sslpipe.stores.sqlite import SQLiteMetadataStore
 
 REPO = Path(__file__).resolve().parents[2]

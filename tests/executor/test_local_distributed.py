@@ -132,7 +132,7 @@ def test_the_moco_pipeline_trains_with_the_configured_process_count(tmp_path: Pa
 def test_moco_on_several_nodes_is_one_error_line_before_anything_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from sslpipe.cli import main
+    from sslpipe.cli.pipelines import main
 
     code = main(["--pipeline", "moco", "--set", f"workspace={tmp_path}", "--set", "moco.nodes=2"])
 

@@ -11,7 +11,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from sslpipe.labelstudio.cli import main
+from sslpipe.cli.labelstudio import main
 from sslpipe.labelstudio.client import LabelStudioClient
 from sslpipe.labelstudio.push import (
     PushError,

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from sslpipe.cli.labelstudio import main
 from sslpipe.filters import ImageFilter
-from sslpipe.labelstudio.cli import main
 from sslpipe.labelstudio.client import LabelStudioClient, LabelStudioError, connect
 from sslpipe.labelstudio.sync import SyncReport, sync_labels
 from sslpipe.stores.sqlite import SQLiteMetadataStore

@@ -25,7 +25,7 @@ from sslpipe.backbone_io import save_backbone
 from sslpipe.classifier import CLASSIFIER_FORMAT, load_classifier_dir
 from sslpipe.classifier.augment import eval_transform
 from sslpipe.classifier.train import LabelledImageDataset, macro_f1, predict, read_labelled_data
-from sslpipe.component_cli import build_parser, load_spec, run_component
+from sslpipe.cli.component import build_parser, load_spec, run_component
 from sslpipe.config import ClassifierConfig, EvaluateConfig
 from sslpipe.executor.local import format_value, resolve_command
 from sslpipe.moco.backbone import BackboneSpec, build_backbone

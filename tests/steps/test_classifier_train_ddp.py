@@ -65,7 +65,7 @@ MODEL_FILES = ["classifier.json", "classifier.pt", CURVES_FILE, HISTORY_FILE, ME
 def worker(argv: list[str]) -> None:
     """torchrun's entry point: the component, then this process's final weights to OUT."""
     from components.classifier_train import main as component
-    from sslpipe.component_cli import run_component
+    from sslpipe.cli.component import run_component
 
     out, crash_at, separator, *flags = argv
     assert separator == "--", argv

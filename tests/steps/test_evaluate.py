@@ -25,7 +25,7 @@ from classifier_testkit import (
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from sslpipe.component_cli import build_parser, load_spec, run_component
+from sslpipe.cli.component import build_parser, load_spec, run_component
 from sslpipe.config import EvaluateConfig
 from sslpipe.retrain_guard import GuardDecision, write_skipped
 from sslpipe.steps.evaluate import compute_metrics, run_evaluate

@@ -1,4 +1,5 @@
-"""``python execute.py``: run a pipeline locally, or on Azure ML (``--backend azureml``).
+"""``python execute.py`` (``python -m sslpipe run``): run a pipeline locally, or on Azure ML
+(``--backend azureml``).
 
 Exit codes: 0 success, 1 a step failed, 2 the configuration or command line is invalid.
 """
@@ -47,11 +48,11 @@ def _epilog() -> str:
     return EPILOG + "\n".join(lines) + "\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "execute.py") -> argparse.ArgumentParser:
     from pipelines import PIPELINES
 
     parser = argparse.ArgumentParser(
-        prog="execute.py",
+        prog=prog,
         description="Run a self-supervised learning pipeline on an image catalog.",
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -388,9 +389,10 @@ def _print_knn_gain(step: str, metrics_file: Path) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str = "execute.py") -> int:
+    """Run ``python execute.py`` with ``argv`` (default: the process's arguments)."""
     _quiet_azure_sdk()
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     overrides = list(args.overrides)
     try:
         config = load_config(args.config, overrides)
@@ -404,6 +406,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in getattr(err, "problems", None) or [str(err)]:
             print(f"error: {problem}", file=sys.stderr)
         return 2
+
+
+def run_command(argv: Sequence[str]) -> int:
+    """``python -m sslpipe run ARGUMENTS``: ``argv`` starts with the command's name."""
+    from sslpipe.cli.commands import PROG
+
+    return main(list(argv[1:]), prog=f"{PROG} {argv[0]}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The ``python -m sslpipe`` commands: their table, and a parser whose usage errors are one line.
 
-:data:`COMMANDS` is the one list of every command (name, the module whose ``main(argv)`` runs
-it, a one-line summary). ``python -m sslpipe --help`` prints it without importing those
-modules; each module's parser takes its commands' help from it (:func:`summary`), and a test
-checks that the table and the modules' parsers name the same commands.
+:data:`EVERY_COMMAND` is the one list of every command (name, the module whose ``main(argv)``
+runs it, a one-line summary): :data:`RUN`, the pipeline runner (``python execute.py``), and
+:data:`COMMANDS`, those beside the pipelines. ``python -m sslpipe --help`` prints it without
+importing those modules; each module's parser takes its commands' help from it
+(:func:`summary`), and a test checks that the table and the modules' parsers name the same
+commands.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ class Command:
     group: str  # heading in ``python -m sslpipe --help``
     summary: str  # one line: the command's help in every listing
     tracking_uri: bool = False  # takes ``--tracking-uri`` (also before the command name)
+    entry: str = "main"  # the module's function that runs it, given ``argv``
 
 
+PIPELINES = "pipelines"
 MODELS = "registered models (MLflow registry)"
 CATALOG = "the catalog (metadata and blob stores)"
 LABEL_STUDIO = "Label Studio"
@@ -40,52 +44,60 @@ LABEL_STUDIO = "Label Studio"
 COMMANDS: tuple[Command, ...] = (
     Command(
         "promote",
-        "sslpipe.models_cli",
+        "sslpipe.cli.models",
         MODELS,
         "set an alias (default: production) on a model version",
         tracking_uri=True,
     ),
     Command(
         "predict",
-        "sslpipe.models_cli",
+        "sslpipe.cli.models",
         MODELS,
         "label every image in a folder with a registered classifier",
         tracking_uri=True,
     ),
     Command(
         "embed",
-        "sslpipe.models_cli",
+        "sslpipe.cli.models",
         MODELS,
         "embeddings of every image in a folder with a registered backbone",
         tracking_uri=True,
     ),
     Command(
         "ingest",
-        "sslpipe.data_cli",
+        "sslpipe.cli.data",
         CATALOG,
         "load a folder of images and a JSON-lines file of documents into the stores",
     ),
     Command(
         "install-udf",
-        "sslpipe.data_cli",
+        "sslpipe.cli.data",
         CATALOG,
         "create or update the Cosmos DB UDF filterDocumentsByLabels (the seed's filter)",
     ),
     Command(
         "sync-labels",
-        "sslpipe.labelstudio.cli",
+        "sslpipe.cli.labelstudio",
         LABEL_STUDIO,
         "set the documents' labels from a Label Studio project's annotations",
     ),
     Command(
         "push-predictions",
-        "sslpipe.labelstudio.cli",
+        "sslpipe.cli.labelstudio",
         LABEL_STUDIO,
         "a registered classifier's predictions into a project as pre-annotations",
         tracking_uri=True,
     ),
 )
-BY_NAME = {command.name: command for command in COMMANDS}
+RUN = Command(
+    "run",
+    "sslpipe.cli.pipelines",
+    PIPELINES,
+    "run a pipeline locally or on Azure ML (what `python execute.py` runs)",
+    entry="run_command",
+)
+EVERY_COMMAND: tuple[Command, ...] = (*COMMANDS, RUN)
+BY_NAME = {command.name: command for command in EVERY_COMMAND}
 
 
 def summary(name: str) -> str:

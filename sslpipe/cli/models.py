@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sslpipe.cli_parser import PROG, OneLineErrorParser, command_parser
+from sslpipe.cli.commands import PROG, OneLineErrorParser, command_parser
 
 DEFAULT_TRACKING_URI = "sqlite:///.sslpipe/mlflow.db"
 IMAGE_SUFFIXES = frozenset(

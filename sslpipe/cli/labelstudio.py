@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from sslpipe.cli_parser import PROG, OneLineErrorParser, command_parser
+from sslpipe.cli.commands import PROG, OneLineErrorParser, command_parser
+from sslpipe.cli.models import UsageError
 from sslpipe.labelstudio.client import URL_ENV
 from sslpipe.labelstudio.tasks import DEFAULT_IMAGE_ID_FIELD
-from sslpipe.models_cli import UsageError
 
 EPILOG = """\
 examples:
@@ -130,7 +130,7 @@ def cmd_sync_labels(args: argparse.Namespace) -> dict[str, Any]:
 
 def _tracking_uri(args: argparse.Namespace) -> str:
     """As ``python -m sslpipe predict``, with the configuration's registry as the default."""
-    from sslpipe.models_cli import tracking_uri
+    from sslpipe.cli.models import tracking_uri
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _config(args).tracking_uri
     return tracking_uri(argparse.Namespace(tracking_uri=uri))
@@ -139,9 +139,9 @@ def _tracking_uri(args: argparse.Namespace) -> str:
 def cmd_push_predictions(args: argparse.Namespace) -> dict[str, Any]:
     import mlflow
 
+    from sslpipe.cli.models import _quiet_predict_hint
     from sslpipe.labelstudio.client import connect
     from sslpipe.labelstudio.push import predict_images, project_image_ids, push_predictions
-    from sslpipe.models_cli import _quiet_predict_hint
     from sslpipe.registry import resolve_version
 
     _quiet_predict_hint()

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sslpipe.cli_parser import PROG, OneLineErrorParser, command_parser
+from sslpipe.cli.commands import PROG, OneLineErrorParser, command_parser
 from sslpipe.config import ConfigError, PipelineConfig, load_config
 from sslpipe.ingest import IngestError, ingest_folder
 from sslpipe.logs import log_to_stderr
