@@ -93,6 +93,7 @@ from sslpipe.io import (
     write_json,
 )
 from sslpipe.logs import get_logger
+from sslpipe.machine import usable_cores
 from sslpipe.packed_images import write_packed
 from sslpipe.progress import bar as progress_bar
 from sslpipe.stores import BlobStore, open_blob_store
@@ -280,13 +281,6 @@ def _known_etag(before: Previous | None, blob_path: str, path: str, image_size: 
         return None
     same = (before.blob_path, before.path, before.image_size) == (blob_path, path, image_size)
     return before.etag if same else None
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a container's share)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 DEFAULT_CONCURRENCY = 64
