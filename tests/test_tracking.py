@@ -24,22 +24,17 @@ from sslpipe.tracking import (
     default_tracker,
     require_mlflow,
 )
+from tests.blocked_imports import without_packages
 
 REPO = Path(__file__).resolve().parents[1]
 
 # A machine with the training dependencies only (the GPU machines): `import mlflow`,
 # `import azure...` and `import yaml` fail.
-WITHOUT_MLFLOW = """
+WITHOUT_MLFLOW = (
+    without_packages("mlflow", "azure", "yaml")
+    + """
 import json, sys
 from pathlib import Path
-
-class NotInstalled:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("mlflow", "azure", "yaml"):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, NotInstalled())
 
 from sslpipe.config import ClassifierConfig, MocoConfig
 from sslpipe.steps.classifier_train import run_classifier_train
@@ -68,6 +63,7 @@ print(json.dumps({
     "refused": refused,
 }))
 """
+)
 
 
 @pytest.fixture(scope="module")

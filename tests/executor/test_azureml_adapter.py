@@ -12,23 +12,18 @@ from importlib.metadata import version
 from pathlib import Path
 
 from sslpipe.executor import azureml_adapter
+from tests.blocked_imports import without_packages
 
 from .helpers import Bench
 
 REPO = Path(__file__).resolve().parents[2]
 SDK = f"azure-ai-ml {version('azure-ai-ml')}"
 
-WITHOUT_AZURE = """
+WITHOUT_AZURE = (
+    without_packages("azure")
+    + """
 import json, sys
 from pathlib import Path
-
-class NotInstalled:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "azure":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, NotInstalled())
 
 from sslpipe.executor.graph import (
     LiteralValue, OutputSpec, InputSpec, PipelineGraph, StepSpec, UpstreamOutput,
@@ -50,6 +45,7 @@ print(json.dumps({
     "loaded": sorted(m for m in sys.modules if m.partition(".")[0] == "azure"),
 }))
 """
+)
 
 
 def test_the_graph_model_imports_and_works_without_azure_ai_ml() -> None:

@@ -29,6 +29,7 @@ from sslpipe.cli.component import build_parser, load_spec, run_component
 from sslpipe.config import EvaluateConfig
 from sslpipe.retrain_guard import GuardDecision, write_skipped
 from sslpipe.steps.evaluate import compute_metrics, run_evaluate
+from tests.blocked_imports import without_packages
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SPEC = REPO / "components" / "evaluate" / "component.yaml"
@@ -432,17 +433,9 @@ def test_a_skipped_training_is_reported_and_nothing_is_registered(tmp_path: Path
 
 
 # The report's modules with `import mlflow` (and the registry) failing: a machine without MLflow.
-REPORT_WITHOUT_MLFLOW = """
+REPORT_WITHOUT_MLFLOW = without_packages("mlflow") + """
 import json, sys
 from pathlib import Path
-
-class NotInstalled:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "mlflow":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, NotInstalled())
 
 from sslpipe.evaluation.metrics import compute_metrics, quality_gate
 from sslpipe.evaluation.report import plot_confusion_matrix, render_report

@@ -17,6 +17,7 @@ import pytest
 from sslpipe.filters import ImageFilter
 from sslpipe.stores.cosmos_query import compile_filter
 from sslpipe.stores.cosmos_udf import UDF_ID
+from tests.blocked_imports import without_packages
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -138,16 +139,10 @@ def test_the_query_stays_shallow_for_the_servers_parser(use_udf: bool) -> None:
 
 
 # A machine without the Azure SDKs: `import azure...` fails.
-WITHOUT_AZURE = """
+WITHOUT_AZURE = (
+    without_packages("azure")
+    + """
 import json, sys
-
-class NotInstalled:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "azure":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, NotInstalled())
 
 from sslpipe.filters import ImageFilter
 from sslpipe.stores.cosmos_query import compile_filter
@@ -159,6 +154,7 @@ print(json.dumps({
     "params": params,
 }))
 """
+)
 
 
 def test_the_compiler_imports_and_runs_without_the_azure_sdks() -> None:
