@@ -36,6 +36,14 @@ configuration keys (--set KEY=VALUE parses VALUE as YAML; defaults in sslpipe/co
 """
 
 
+def library_dir() -> Path:
+    """The library's folder: its code is in every step's cache key, beside the component's own
+    folder, so a change to any module a step imports reruns the step."""
+    import sslpipe
+
+    return Path(sslpipe.__file__).resolve().parent
+
+
 def _epilog() -> str:
     from sslpipe.config import PipelineConfig, known_keys
 
@@ -186,7 +194,7 @@ def run_local(pipeline: str, config: PipelineConfig, args: argparse.Namespace) -
     from sslpipe.registry import configure_tracking
 
     graph = PipelineGraph.from_pipeline_job(PIPELINES[pipeline](config))
-    library = Path(__file__).resolve().parent
+    library = library_dir()
     environment = _mlflow_environment(config)
     # Registry references, the registry and cached weights are resolved as the run sees them.
     live_state = project_live_state()
