@@ -212,7 +212,7 @@ def _digest(ids: Iterable[str]) -> dict[str, Any]:
 
 def sqlite_project(path: str, which: str) -> dict[str, Any]:
     """The project's selection: ``SQLiteMetadataStore.select`` read to the end."""
-    from sslpipe.filters import ImageFilter
+    from sslpipe.core.filters import ImageFilter
     from sslpipe.stores.sqlite import SQLiteMetadataStore
 
     image_filter = ImageFilter(**FILTERS[which])
@@ -275,7 +275,7 @@ def sqlite_baseline(path: str, which: str) -> dict[str, Any]:
 
 def query_plan(path: Path, which: str) -> list[str]:
     """EXPLAIN QUERY PLAN of the project's SQL for the selection ``which``."""
-    from sslpipe.filters import ImageFilter
+    from sslpipe.core.filters import ImageFilter
     from sslpipe.stores.sqlite import compile_filter
 
     sql, params = compile_filter(ImageFilter(**FILTERS[which]))
@@ -327,7 +327,7 @@ def fill_cosmos(uri: str, count: int) -> dict[str, Any]:
 
 
 def cosmos_project(uri: str, which: str) -> dict[str, Any]:
-    from sslpipe.filters import ImageFilter
+    from sslpipe.core.filters import ImageFilter
     from sslpipe.stores.cosmos import CosmosMetadataStore
 
     with CosmosMetadataStore.from_uri(uri, create=False) as store:

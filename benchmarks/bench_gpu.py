@@ -168,7 +168,7 @@ def resolve_precision(device: Any, requested: str = "auto") -> tuple[Any, str]:
 
 def _configured_precision() -> str | None:
     try:
-        from sslpipe.config import MocoConfig
+        from sslpipe.core.config import MocoConfig
     except Exception:  # the training core does not import here: not this function's report
         return None
     value = getattr(MocoConfig(), "precision", None)
@@ -218,7 +218,7 @@ def compute_ceiling(
     try:
         import torch
 
-        from sslpipe.config import MocoConfig
+        from sslpipe.core.config import MocoConfig
         from sslpipe.steps.moco_train import build_model
     except Exception as err:
         return _failure("importing the training core (sslpipe.steps.moco_train)", err)
@@ -348,7 +348,7 @@ _SETUP_LINES = ("views:", "precision:")
 
 def _import_trainer() -> tuple[Any, Any]:
     """(MocoConfig, run_moco_train): the training core, imported here so a failure is reported."""
-    from sslpipe.config import MocoConfig
+    from sslpipe.core.config import MocoConfig
     from sslpipe.steps.moco_train import run_moco_train
 
     return MocoConfig, run_moco_train
@@ -622,11 +622,11 @@ def measure(plan: Plan) -> dict[str, dict[str, Any]]:
 def prepare_data(folder: Path, plan: Plan) -> tuple[Path, str]:
     """data_prep's output for ``plan``: photo-like JPEGs of ``plan.image_size`` px on the shorter
     side and manifest.csv, plus the packed array data_prep writes beside them when the project
-    has one (``sslpipe.packed_images``); the folder and a note of what it holds."""
+    has one (``sslpipe.data.packed_images``); the folder and a note of what it holds."""
     data_dir = make_photo_folder(folder, plan.images, short_side=plan.image_size)
     note = f"{plan.images} JPEGs {round(plan.image_size * 4 / 3)}x{plan.image_size}"
     try:
-        from sslpipe.packed_images import write_packed
+        from sslpipe.data.packed_images import write_packed
     except ImportError as err:
         return data_dir, f"{note} (no packed array: {err})"
     lines = (data_dir / "manifest.csv").read_text().splitlines()[1:]

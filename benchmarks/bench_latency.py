@@ -85,7 +85,7 @@ def _rate(result: dict[str, Any]) -> float:
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    from sslpipe.config import DataPrepConfig
+    from sslpipe.core.config import DataPrepConfig
 
     sizes = QUICK if quick else FULL
     count, repeats = sizes["images"], sizes["repeats"]

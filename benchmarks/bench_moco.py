@@ -67,7 +67,7 @@ RECIPE_FIELDS = (
     "projection_dim",
     "projection_hidden_dim",
 )
-"""The MoCo v2 recipe both trainers take (``sslpipe.config.MocoConfig`` field names); the
+"""The MoCo v2 recipe both trainers take (``sslpipe.core.config.MocoConfig`` field names); the
 queue, batch, epochs, image size and network are the budget, passed on their own."""
 
 ROW2_RECIPE: dict[str, float] = {
@@ -172,7 +172,7 @@ def project_moco_train(
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     os.environ["MLFLOW_EXPERIMENT_NAME"] = "bench"
     os.environ["SSLPIPE_ARTIFACT_ROOT"] = str(work / "mlartifacts")
-    from sslpipe.config import MocoConfig
+    from sslpipe.core.config import MocoConfig
     from sslpipe.steps.moco_train import run_moco_train
 
     rates: list[float] = []
@@ -313,7 +313,7 @@ def lightly_moco_train(
     from lightly.loss import NTXentLoss
     from lightly.models.utils import update_momentum
 
-    from sslpipe.config import MocoConfig
+    from sslpipe.core.config import MocoConfig
     from sslpipe.steps.moco_train import lr_at
 
     r = _recipe(recipe)

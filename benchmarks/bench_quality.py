@@ -10,19 +10,19 @@ its own: both sides do the same work):
 Both MoCo implementations pre-train on the images without labels, at an equal budget: the same
 epochs, batch, queue / memory bank, image size, network (torchvision resnet18; the small stem
 where the plan says so) and the same MoCo v2 recipe, read at run time from the project's
-``sslpipe.config.MocoConfig()`` defaults (:func:`moco_recipe`) and mapped onto lightly's
+``sslpipe.core.config.MocoConfig()`` defaults (:func:`moco_recipe`) and mapped onto lightly's
 ``MoCoV2Transform`` / ``NTXentLoss`` (``benchmarks.bench_moco.lightly_transform``). The project
 runs ``run_moco_train`` and lightly the loop of ``benchmarks.bench_moco``, each in a child
 process that evaluates its own backbone per epoch (:class:`Evaluator`).
 
 Evaluation (the same for every encoder, in eval mode without gradients): the deterministic view
-(``sslpipe.moco.eval_transform``) of every image, a stratified 10% of them as the labelled bank,
-the other 90% as queries; kNN top-1 (k=20, cosine, similarity-weighted vote,
-``sslpipe.moco.knn_top1``) and a linear probe (scikit-learn ``LogisticRegression`` on features
-standardised with the bank's statistics, fitted on the bank, scored on the queries). Epoch 0 is
-the random initialisation: for the project, ``build_backbone`` after ``torch.manual_seed(seed)``,
-which is the very network ``run_moco_train`` starts from. Raw (normalised) pixels are scored the
-same way.
+(``sslpipe.models.moco.eval_transform``) of every image, a stratified 10% of them as the labelled
+bank, the other 90% as queries; kNN top-1 (k=20, cosine, similarity-weighted vote,
+``sslpipe.models.moco.knn_top1``) and a linear probe (scikit-learn ``LogisticRegression`` on
+features standardised with the bank's statistics, fitted on the bank, scored on the queries). Epoch
+0 is the random initialisation: for the project, ``build_backbone`` after
+``torch.manual_seed(seed)``, which is the very network ``run_moco_train`` starts from. Raw
+(normalised) pixels are scored the same way.
 
 Gates (a row's ``met``): the project's final kNN is above the random-init kNN of the same
 network, and at least lightly's final kNN - 0.02. A row never says met when the project does not
@@ -185,7 +185,7 @@ def _pixels(data_dir: Path, image_size: int) -> Any:
     import torch
     from PIL import Image
 
-    from sslpipe.moco import eval_transform
+    from sslpipe.models.moco import eval_transform
 
     transform = eval_transform(image_size)
     lines = (data_dir / "manifest.csv").read_text().splitlines()[1:]
@@ -230,7 +230,7 @@ def bank_split(labels: list[int], fraction: float, seed: int = 0) -> tuple[Any, 
 
 def bank_knn(features: Any, labels: Any, bank: Any, queries: Any) -> float:
     """kNN top-1 (k=20, cosine) of the queries against the labelled bank."""
-    from sslpipe.moco import knn_top1
+    from sslpipe.models.moco import knn_top1
 
     return knn_top1(features[bank], labels[bank], features[queries], labels[queries], k=K)
 
@@ -294,7 +294,7 @@ class Evaluator:
         with ``seed`` (the same weights), on the device it trains on."""
         import torch
 
-        from sslpipe.moco import BackboneSpec, build_backbone
+        from sslpipe.models.moco import BackboneSpec, build_backbone
 
         torch.manual_seed(seed)
         backbone, _ = build_backbone(BackboneSpec("resnet18", small_stem=small_stem))
@@ -307,7 +307,7 @@ class Evaluator:
 def moco_recipe() -> dict[str, float]:
     """The MoCo v2 recipe of both sides: the project's ``MocoConfig()`` defaults, read now."""
     from benchmarks.bench_moco import RECIPE_FIELDS
-    from sslpipe.config import MocoConfig
+    from sslpipe.core.config import MocoConfig
 
     defaults = MocoConfig()
     return {field: getattr(defaults, field) for field in RECIPE_FIELDS}
@@ -317,7 +317,7 @@ def equal_sizes(images: int, batch: int, queue: int) -> tuple[int, int]:
     """(batch, queue) that both sides use: the plan's queue, capped by ``MocoConfig()``'s
     queue_size, then what ``run_moco_train`` makes of them for ``images`` (it shrinks a queue
     that the data cannot fill without an image's own earlier key among its negatives)."""
-    from sslpipe.config import MocoConfig
+    from sslpipe.core.config import MocoConfig
     from sslpipe.steps.moco_train import effective_sizes
 
     capped = min(queue, MocoConfig().queue_size)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from azure.ai.ml.entities import PipelineJob
 
-from sslpipe.config import PipelineConfig
+from sslpipe.core.config import PipelineConfig
 
 
 def _moco(config: PipelineConfig) -> PipelineJob:

@@ -20,8 +20,8 @@ from pipelines.steps import (
     select_and_prepare,
     train_and_evaluate,
 )
-from sslpipe.config import PipelineConfig
-from sslpipe.filters import filter_argument
+from sslpipe.core.config import PipelineConfig
+from sslpipe.core.filters import filter_argument
 
 
 def _labelled_filter(config: PipelineConfig) -> str:

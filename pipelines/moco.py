@@ -11,8 +11,8 @@ from azure.ai.ml import dsl
 from azure.ai.ml.entities import PipelineJob
 
 from pipelines.steps import moco_training, select_and_prepare
-from sslpipe.config import PipelineConfig
-from sslpipe.filters import filter_argument
+from sslpipe.core.config import PipelineConfig
+from sslpipe.core.filters import filter_argument
 
 
 def build(config: PipelineConfig) -> PipelineJob:

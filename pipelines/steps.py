@@ -10,7 +10,7 @@ from azure.ai.ml import PyTorchDistribution
 from azure.ai.ml.entities import JobResourceConfiguration
 
 from pipelines.components import component
-from sslpipe.config import ClassifierConfig, PipelineConfig
+from sslpipe.core.config import ClassifierConfig, PipelineConfig
 
 BASELINE_INPUTS = ("baseline", "baseline_scratch")
 """evaluate's optional inputs for the baselines' reports: the seed's (random init, frozen,

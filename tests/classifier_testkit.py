@@ -22,10 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sslpipe.backbone_io import save_backbone
-from sslpipe.classifier.model import ClassifierHead, ImageClassifier, save_classifier
-from sslpipe.moco.backbone import BackboneSpec, build_backbone
-from sslpipe.moco.preprocessing import eval_transform
+from sslpipe.models.backbone_io import save_backbone
+from sslpipe.models.classifier.model import ClassifierHead, ImageClassifier, save_classifier
+from sslpipe.models.moco.backbone import BackboneSpec, build_backbone
+from sslpipe.models.moco.preprocessing import eval_transform
 
 REPO = Path(__file__).resolve().parents[1]
 COLORS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}

@@ -237,7 +237,7 @@ def test_gpu_row_without_cuda_is_not_run(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_quality_recipe_is_read_from_moco_config() -> None:
     from benchmarks.bench_moco import RECIPE_FIELDS
     from benchmarks.bench_quality import moco_recipe
-    from sslpipe.config import MocoConfig
+    from sslpipe.core.config import MocoConfig
 
     recipe = moco_recipe()
     assert tuple(recipe) == RECIPE_FIELDS

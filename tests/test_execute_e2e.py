@@ -145,7 +145,7 @@ def test_registered_backbone_loads_in_a_fresh_process(first_run) -> None:
     images = sorted((workspace / "blobs" / "images").glob("*.jpeg"))[:3]
     script = (
         "import sys, mlflow\n"
-        "from sslpipe.registry import load_backbone\n"
+        "from sslpipe.models.registry import load_backbone\n"
         "backbone, config = load_backbone('moco-backbone/1')\n"
         "assert config['lineage']['num_images'] == 64, config['lineage']\n"
         "embedder = mlflow.pyfunc.load_model('models:/moco-backbone/1')\n"
@@ -245,7 +245,7 @@ def test_a_failed_step_names_its_log_and_resume_continues_the_same_run(tmp_path:
     # Build the demo catalog, then break every image so that data_prep must fail.
     assert execute(tmp_path, sets=[*strict, "filter.limit=0"]).returncode == 2  # invalid limit
     from sslpipe.cli.pipelines import prepare_workspace
-    from sslpipe.config import load_config
+    from sslpipe.core.config import load_config
 
     prepare_workspace(load_config(None, [f"workspace={tmp_path}"]), demo=True)
     blobs = sorted((tmp_path / "blobs" / "images").glob("*.jpeg"))

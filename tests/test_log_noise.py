@@ -12,9 +12,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from sslpipe.logs import QUIETED_LOGGERS
-from sslpipe.registry import _without_predict_hint
-from sslpipe.tracking import require_mlflow
+from sslpipe.core.logs import QUIETED_LOGGERS
+from sslpipe.models.registry import _without_predict_hint
+from sslpipe.models.training.tracking import require_mlflow
 from tests.steps.test_moco_train import SMALL, make_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 REGISTER = """
 import sys
 from pathlib import Path
-from sslpipe.config import MocoConfig
+from sslpipe.core.config import MocoConfig
 from sslpipe.steps.moco_train import run_moco_train
 
 data, out = Path(sys.argv[1]), Path(sys.argv[2])

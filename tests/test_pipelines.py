@@ -12,8 +12,8 @@ import pytest
 
 from pipelines import PIPELINES
 from pipelines.steps import BASELINE_INPUTS, train_and_evaluate
-from sslpipe.config import load_config
-from sslpipe.executor import LiteralValue, PipelineGraph, UpstreamOutput
+from sslpipe.core.config import load_config
+from sslpipe.execution import LiteralValue, PipelineGraph, UpstreamOutput
 
 FULL_STEPS = {
     "connect_db",
@@ -132,8 +132,8 @@ def _registry_with_a_backbone(tmp_path: Path) -> str:
 def test_the_local_run_pins_the_classifier_s_backbone_and_keys_the_registering_steps(
     tmp_path: Path,
 ) -> None:
-    from sslpipe.executor import LocalExecutor
-    from sslpipe.executor.live import project_live_state
+    from sslpipe.execution import LocalExecutor
+    from sslpipe.execution.live import project_live_state
 
     uri = _registry_with_a_backbone(tmp_path)
     config = load_config(None, [f"workspace={tmp_path}"])

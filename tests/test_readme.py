@@ -45,7 +45,7 @@ from pathlib import Path
 import pytest
 from test_execute_e2e import CLASSIFIER, TINY
 
-from sslpipe.config import load_config
+from sslpipe.core.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"

@@ -25,10 +25,10 @@ import pytest
 import yaml
 from label_studio_sdk import ImportApiRequest
 
-from sslpipe.demo import demo_images
-from sslpipe.labelstudio.client import LabelStudioClient, connect
+from sslpipe.data.demo import demo_images
+from sslpipe.data.labelstudio.client import LabelStudioClient, connect
 from sslpipe.stores.cosmos import CosmosMetadataStore
-from tests.labelstudio.helpers import annotate, create_users, taxonomy_config
+from tests.data.labelstudio.helpers import annotate, create_users, taxonomy_config
 
 REPO = Path(__file__).resolve().parent.parent
 CATALOG_SIZE = 360

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from sslpipe.cli.component import run_component
-from sslpipe.config import ClassifierConfig
+from sslpipe.core.config import ClassifierConfig
 from sslpipe.steps.classifier_train import run_classifier_train
 
 

@@ -4,9 +4,9 @@ from pathlib import Path
 from typing import Any
 
 from sslpipe.cli.component import run_component
-from sslpipe.config import LabelsConfig
-from sslpipe.filters import ImageFilter
-from sslpipe.labelled import parse_split
+from sslpipe.core.config import LabelsConfig
+from sslpipe.core.filters import ImageFilter
+from sslpipe.data.labelled import parse_split
 from sslpipe.steps.connect_db import run_connect_db
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from sslpipe.cli.component import run_component
-from sslpipe.image_cache import image_cache_dir
+from sslpipe.data.image_cache import image_cache_dir
 from sslpipe.steps.data_prep import run_data_prep
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from sslpipe.cli.component import run_component
-from sslpipe.config import EvaluateConfig
+from sslpipe.core.config import EvaluateConfig
 from sslpipe.steps.evaluate import run_evaluate
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from sslpipe.cli.component import run_component
-from sslpipe.config import MocoConfig
+from sslpipe.core.config import MocoConfig
 from sslpipe.steps.moco_train import run_moco_train
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from sslpipe.cli.component import run_component
-from sslpipe.labelstudio.step import run_sync_labels
+from sslpipe.data.labelstudio.step import run_sync_labels
 
 
 def main(args: dict[str, Any]) -> None:

@@ -29,8 +29,8 @@ from sslpipe.cli.commands import (
     PROG,
     RUN,
     Command,
-    OneLineErrorParser,
 )
+from sslpipe.core.arguments import OneLineErrorParser
 
 TRACKING_URI = "--tracking-uri"
 

@@ -11,19 +11,10 @@ commands.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 PROG = "python -m sslpipe"
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Reports a bad argument as ``error: ... (see PROG --help)`` on stderr, exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 @dataclass(frozen=True)

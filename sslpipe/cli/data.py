@@ -23,12 +23,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sslpipe.cli.commands import PROG, OneLineErrorParser, command_parser
-from sslpipe.config import ConfigError, PipelineConfig, load_config
-from sslpipe.ingest import IngestError, ingest_folder
-from sslpipe.logs import log_to_stderr
+from sslpipe.cli.commands import PROG, command_parser
+from sslpipe.core.arguments import OneLineErrorParser
+from sslpipe.core.config import ConfigError, PipelineConfig, load_config
+from sslpipe.core.logs import log_to_stderr
+from sslpipe.core.uris import redact_uri
+from sslpipe.data.ingest import IngestError, ingest_folder
 from sslpipe.stores import StoreError, open_blob_store, open_metadata_store
-from sslpipe.uris import redact_uri
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ Examples::
 Label Studio is ``--url``, else ``$LABEL_STUDIO_URL``; its API token is always
 ``$LABEL_STUDIO_API_KEY`` (never a flag, so that it stays out of shell history and process
 lists). The metadata and blob stores are ``--metadata-uri`` / ``--blob-uri``, else those of
-the pipeline configuration (``--config``, defaults in sslpipe/config.py). The registry is
+the pipeline configuration (``--config``, defaults in sslpipe/core/config.py). The registry is
 ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the configuration's.
 
 The report is printed as JSON on stdout. Exit codes: 0 success; 1 Label Studio, a store or
@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from sslpipe.cli.commands import PROG, OneLineErrorParser, command_parser
+from sslpipe.cli.commands import PROG, command_parser
 from sslpipe.cli.models import UsageError
-from sslpipe.labelstudio.client import URL_ENV
-from sslpipe.labelstudio.tasks import DEFAULT_IMAGE_ID_FIELD
+from sslpipe.core.arguments import OneLineErrorParser
+from sslpipe.data.labelstudio.client import URL_ENV
+from sslpipe.data.labelstudio.tasks import DEFAULT_IMAGE_ID_FIELD
 
 EPILOG = """\
 examples:
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from sslpipe.config import load_config
+    from sslpipe.core.config import load_config
 
     return load_config(args.config)
 
@@ -117,8 +118,8 @@ def _existing_metadata_store(uri: str) -> str:
 
 
 def cmd_sync_labels(args: argparse.Namespace) -> dict[str, Any]:
-    from sslpipe.labelstudio.client import connect
-    from sslpipe.labelstudio.sync import sync_labels
+    from sslpipe.data.labelstudio.client import connect
+    from sslpipe.data.labelstudio.sync import sync_labels
     from sslpipe.stores import open_metadata_store
 
     uri = _existing_metadata_store(args.metadata_uri or _config(args).metadata_uri)
@@ -140,9 +141,10 @@ def cmd_push_predictions(args: argparse.Namespace) -> dict[str, Any]:
     import mlflow
 
     from sslpipe.cli.models import _quiet_predict_hint
-    from sslpipe.labelstudio.client import connect
-    from sslpipe.labelstudio.push import predict_images, project_image_ids, push_predictions
-    from sslpipe.registry import resolve_version
+    from sslpipe.data.labelstudio.client import connect
+    from sslpipe.data.labelstudio.push import project_image_ids, push_predictions
+    from sslpipe.models.registry import resolve_version
+    from sslpipe.models.serving.blob_predictions import predict_images
 
     _quiet_predict_hint()
 
@@ -171,8 +173,8 @@ def _say_error(err: BaseException) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; prints its report as JSON and returns the exit code."""
-    from sslpipe.labelstudio.client import LabelStudioError
-    from sslpipe.logs import log_to_stderr
+    from sslpipe.core.logs import log_to_stderr
+    from sslpipe.data.labelstudio.client import LabelStudioError
     from sslpipe.stores.base import StoreError
 
     args = build_parser().parse_args(argv)

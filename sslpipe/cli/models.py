@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sslpipe.cli.commands import PROG, OneLineErrorParser, command_parser
+from sslpipe.cli.commands import PROG, command_parser
+from sslpipe.core.arguments import OneLineErrorParser
+from sslpipe.models.serving.blob_predictions import CHUNK
 
 DEFAULT_TRACKING_URI = "sqlite:///.sslpipe/mlflow.db"
 IMAGE_SUFFIXES = frozenset(
@@ -48,7 +50,6 @@ REFERENCES = """\
 models: name (latest version), name/3 or name@alias; registry: --tracking-uri, else
 $MLFLOW_TRACKING_URI, else sqlite:///.sslpipe/mlflow.db
 exit codes: 0 success, 1 nothing could be predicted or embedded, 2 bad reference or argument"""
-CHUNK = 256  # images handed to the model at once; bounds memory on large folders
 
 
 class UsageError(Exception):
@@ -157,7 +158,7 @@ def _say(message: str) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from sslpipe.registry import promote
+    from sslpipe.models.registry import promote
 
     result = promote(args.model, alias=args.alias)
     moved = (
@@ -170,9 +171,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from sslpipe.io import write_csv
-    from sslpipe.registry import load_classifier
-    from sslpipe.serving.classifier import PROB_PREFIX
+    from sslpipe.core.io import write_csv
+    from sslpipe.models.registry import load_classifier
+    from sslpipe.models.serving.classifier import PROB_PREFIX
 
     files = image_files(args.input)
     model = load_classifier(args.model)
@@ -218,10 +219,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from sslpipe.io import atomic_path
-    from sslpipe.registry import load_embedder
-    from sslpipe.serving.classifier import describe_error
-    from sslpipe.serving.embedder import to_pil
+    from sslpipe.core.io import atomic_path
+    from sslpipe.models.registry import load_embedder
+    from sslpipe.models.serving.classifier import describe_error
+    from sslpipe.models.serving.embedder import to_pil
 
     files = image_files(args.input)
     model = load_embedder(args.model)
@@ -287,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         uri = tracking_uri(args)
         import mlflow
 
-        from sslpipe.registry import ModelReferenceError
+        from sslpipe.models.registry import ModelReferenceError
 
         mlflow.set_tracking_uri(uri)
         try:

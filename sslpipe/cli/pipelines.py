@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sslpipe.config import ConfigError, PipelineConfig, load_config
-from sslpipe.io import read_json
+from sslpipe.core.config import ConfigError, PipelineConfig, load_config
+from sslpipe.core.io import read_json
 
 EPILOG = """\
 examples:
@@ -32,7 +32,7 @@ examples:
       --set stores.metadata_uri=cosmos://acct/db/coll \
       --set stores.blob_uri=https://acct.blob.core.windows.net/images
 
-configuration keys (--set KEY=VALUE parses VALUE as YAML; defaults in sslpipe/config.py):
+configuration keys (--set KEY=VALUE parses VALUE as YAML; defaults in sslpipe/core/config.py):
 """
 
 
@@ -45,7 +45,7 @@ def library_dir() -> Path:
 
 
 def _epilog() -> str:
-    from sslpipe.config import PipelineConfig, known_keys
+    from sslpipe.core.config import PipelineConfig, known_keys
 
     sections: dict[str, list[str]] = {}
     for key in known_keys(PipelineConfig):
@@ -139,8 +139,8 @@ def _echo(message: str) -> None:
 
 def prepare_workspace(config: PipelineConfig, *, demo: bool) -> None:
     """Create the workspace and, on an empty embedded store, the demo catalog."""
-    from sslpipe.demo import demo_images
-    from sslpipe.ingest import ingest_images
+    from sslpipe.data.demo import demo_images
+    from sslpipe.data.ingest import ingest_images
     from sslpipe.stores import open_blob_store, open_metadata_store
 
     config.workspace_dir.mkdir(parents=True, exist_ok=True)
@@ -189,9 +189,9 @@ def run_local(pipeline: str, config: PipelineConfig, args: argparse.Namespace) -
     import mlflow
 
     from pipelines import PIPELINES
-    from sslpipe.executor import LocalExecutor, PipelineGraph, StepFailedError
-    from sslpipe.executor.live import project_live_state
-    from sslpipe.registry import configure_tracking
+    from sslpipe.execution import LocalExecutor, PipelineGraph, StepFailedError
+    from sslpipe.execution.live import project_live_state
+    from sslpipe.models.registry import configure_tracking
 
     graph = PipelineGraph.from_pipeline_job(PIPELINES[pipeline](config))
     library = library_dir()
@@ -253,7 +253,7 @@ def run_local(pipeline: str, config: PipelineConfig, args: argparse.Namespace) -
 def run_azureml(pipeline: str, config: PipelineConfig, args: argparse.Namespace) -> int:
     """The same pipeline job on Azure ML: validated, then written (--dry-run) or submitted."""
     from pipelines import PIPELINES
-    from sslpipe import azureml
+    from sslpipe.execution import azureml
 
     # azure.ai.ml sets its own logger to INFO: its experimental-class notices on dump/load.
     logging.getLogger("azure.ai.ml").setLevel(logging.ERROR)
@@ -280,7 +280,7 @@ def run_schedules(
 ) -> int:
     """--schedule / --list-schedules / --disable-schedule / --delete-schedule on Azure ML."""
     from pipelines import PIPELINES
-    from sslpipe import azureml, schedules
+    from sslpipe.execution import azureml, schedules
 
     if (args.backend or config.backend) != "azureml":
         raise ConfigError("schedules run on Azure ML: add --backend azureml")

@@ -2,7 +2,7 @@
 
 Inputs: a labelled data_prep output folder (manifest.csv with split and repeats, labels.json,
 selection.json, images) and optionally a backbone folder (moco_train's ``model`` output); without
-one the backbone comes from ``config.backbone`` (see :mod:`sslpipe.classifier.backbones`).
+one the backbone comes from ``config.backbone`` (see :mod:`sslpipe.models.classifier.backbones`).
 
 Modes:
     head       the backbone is frozen (no gradients, eval mode: its BN statistics do not move)
@@ -14,21 +14,21 @@ Early stopping watches the validation macro-F1 (``patience`` epochs without impr
 stage); the best epoch's model over both stages is the one saved.
 
 Outputs:
-    model/       classifier.pt + classifier.json (see sslpipe.classifier.model), curves.png,
+    model/       classifier.pt + classifier.json (see sslpipe.models.classifier.model), curves.png,
                  history.json (per epoch), train_metrics.json (best epoch, stopped early)
     checkpoint/  last.pt, rewritten atomically after every epoch; ``resume`` continues from it
 
 The model is not registered here: the evaluate step registers it after measuring it.
 
-Several processes (torchrun, or Azure ML's PyTorch distribution; see sslpipe.distributed):
-every process trains on its own shard of the training images (DistributedSampler) with
-``batch_size`` images per step, so the global batch is ``batch_size x WORLD_SIZE``; the learning
-rate is not rescaled. The trained part (the head, or the whole network when fine-tuning) is
-wrapped in DistributedDataParallel; the frozen backbone stays outside it. Every process predicts
-its share of the validation images, the logits are gathered and scored on every process, and
-rank 0's scores are broadcast, so that every process takes the same best-epoch and early-stop
-decisions. Rank 0 alone writes checkpoints, history, curves, the model folder and MLflow; every
-process resumes from rank 0's checkpoint.
+Several processes (torchrun, or Azure ML's PyTorch distribution; see
+sslpipe.models.training.distributed): every process trains on its own shard of the training images
+(DistributedSampler) with ``batch_size`` images per step, so the global batch is ``batch_size x
+WORLD_SIZE``; the learning rate is not rescaled. The trained part (the head, or the whole network
+when fine-tuning) is wrapped in DistributedDataParallel; the frozen backbone stays outside it. Every
+process predicts its share of the validation images, the logits are gathered and scored on every
+process, and rank 0's scores are broadcast, so that every process takes the same best-epoch and
+early-stop decisions. Rank 0 alone writes checkpoints, history, curves, the model folder and MLflow;
+every process resumes from rank 0's checkpoint.
 """
 
 from __future__ import annotations
@@ -47,11 +47,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from sslpipe import distributed, retrain_guard, tracking
-from sslpipe.classifier.augment import eval_transform, train_transform
-from sslpipe.classifier.backbones import resolve_backbone
-from sslpipe.classifier.model import ClassifierHead, ImageClassifier, save_classifier
-from sslpipe.classifier.train import (
+from sslpipe.core.config import ClassifierConfig
+from sslpipe.core.io import atomic_path, read_optional_json, write_json
+from sslpipe.core.logs import get_logger
+from sslpipe.models.classifier.augment import eval_transform, train_transform
+from sslpipe.models.classifier.backbones import resolve_backbone
+from sslpipe.models.classifier.model import ClassifierHead, ImageClassifier, save_classifier
+from sslpipe.models.classifier.train import (
     EarlyStopping,
     LabelledImageDataset,
     evaluate,
@@ -65,9 +67,7 @@ from sslpipe.classifier.train import (
     train_epoch,
     trainable_parameters,
 )
-from sslpipe.config import ClassifierConfig
-from sslpipe.io import atomic_path, read_optional_json, write_json
-from sslpipe.logs import get_logger
+from sslpipe.models.training import distributed, retrain_guard, tracking
 
 log = get_logger("classifier_train")
 
@@ -331,7 +331,8 @@ def run_classifier_train(
 ) -> dict[str, Any]:
     """Train the classifier, checkpoint every epoch and write the classifier folder.
 
-    With ``skip_unchanged`` (the retraining guard, :mod:`sslpipe.retrain_guard`), nothing is
+    With ``skip_unchanged`` (the retraining guard, :mod:`sslpipe.models.training.retrain_guard`),
+    nothing is
     trained when the data, settings and backbone equal those of the latest registered version
     of ``model_name`` (the name evaluate registers under): ``model_dir`` then holds only
     ``skipped.json`` and the result's ``skipped`` says why.

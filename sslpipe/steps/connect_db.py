@@ -4,7 +4,7 @@ Two modes:
     all        every selected image, its label resolved when possible (empty otherwise); the
                MoCo pipeline's selection (the labels feed its kNN monitor)
     labelled   only images with a decided label (the others dropped and counted per reason),
-               split into train/val/test stratified by label and balanced (sslpipe.labelled);
+               split into train/val/test stratified by label and balanced (sslpipe.data.labelled);
                the classifier pipeline's selection
 
 Outputs (one folder):
@@ -25,15 +25,15 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from sslpipe.config import LabelsConfig
-from sslpipe.filters import ImageFilter
-from sslpipe.io import write_csv, write_json
-from sslpipe.labelled import build_labelled_set, drop_undecided
-from sslpipe.labels import resolve_label
-from sslpipe.logs import get_logger
-from sslpipe.metadata import describe_invalid, validate_document
+from sslpipe.core.config import LabelsConfig
+from sslpipe.core.filters import ImageFilter
+from sslpipe.core.io import write_csv, write_json
+from sslpipe.core.logs import get_logger
+from sslpipe.core.metadata import describe_invalid, validate_document
+from sslpipe.core.uris import redact_uri
+from sslpipe.data.labelled import build_labelled_set, drop_undecided
+from sslpipe.data.labels import resolve_label
 from sslpipe.stores import open_blob_store, open_metadata_store
-from sslpipe.uris import redact_uri
 
 log = get_logger("connect_db")
 
@@ -54,7 +54,7 @@ def select_documents(
     """Validate documents and resolve their labels; return the table and the skip counts.
 
     The table has :data:`DOCUMENT_COLUMNS`: ``label`` is empty when none was decided and
-    ``label_reason`` then says why (see :func:`sslpipe.labels.resolve_label`);
+    ``label_reason`` then says why (see :func:`sslpipe.data.labels.resolve_label`);
     ``sortout_testset`` is the document's flag (false when absent). Invalid documents and
     repeated ids are skipped and counted per reason (``invalid:<field>``, ``duplicate_id``).
     """
@@ -130,7 +130,7 @@ def run_connect_db(
 
     Raises:
         EmptySelectionError: when nothing usable was selected (nothing is written then).
-        sslpipe.labelled.LabelledSetError: in ``labelled`` mode, when the decided labels cannot
+        sslpipe.data.labelled.LabelledSetError: in ``labelled`` mode, when the decided labels cannot
             make a split (fewer than 2 classes, or a class too small; nothing is written then).
     """
     if mode not in MODES:

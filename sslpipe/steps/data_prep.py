@@ -17,7 +17,7 @@ blob_path and image_size, the image file is as that run left it, and the blob's 
 unchanged (one conditional request per blob). Changing image_size therefore refetches all.
 
 Across runs (each in a new output folder) the same comes from the workspace's image cache
-(:mod:`sslpipe.image_cache`, ``image_cache``: the local executor passes
+(:mod:`sslpipe.data.image_cache`, ``image_cache``: the local executor passes
 ``<workspace>/cache/images``; none on Azure ML): an image that is not in the output folder is
 asked for with the ETag of its cache entry, and the entry's resized image is copied when the
 blob is unchanged (counted as reused); every image resized is added to the cache. At the end
@@ -79,10 +79,8 @@ from typing import Any
 
 import pandas as pd
 
-from sslpipe.forked import Send, can_fork, run_forked
-from sslpipe.image_cache import DEFAULT_CACHE_MAX_MB, CachedImage, ImageCache, prune
-from sslpipe.images import UnusableImageError, write_resized
-from sslpipe.io import (
+from sslpipe.core.forked import Send, can_fork, run_forked
+from sslpipe.core.io import (
     Journal,
     atomic_path,
     read_csv,
@@ -92,14 +90,16 @@ from sslpipe.io import (
     write_csv,
     write_json,
 )
-from sslpipe.logs import get_logger
-from sslpipe.machine import usable_cores
-from sslpipe.packed_images import write_packed
-from sslpipe.progress import bar as progress_bar
+from sslpipe.core.logs import get_logger
+from sslpipe.core.machine import usable_cores
+from sslpipe.core.progress import bar as progress_bar
+from sslpipe.core.uris import redact_uri
+from sslpipe.data.image_cache import DEFAULT_CACHE_MAX_MB, CachedImage, ImageCache, prune
+from sslpipe.data.images import UnusableImageError, write_resized
+from sslpipe.data.packed_images import write_packed
 from sslpipe.stores import BlobStore, open_blob_store
 from sslpipe.stores.base import BlobNotFoundError, StoreError
 from sslpipe.stores.local_blob import safe_blob_path
-from sslpipe.uris import redact_uri
 
 log = get_logger("data_prep")
 
@@ -174,7 +174,7 @@ def node_shard(nodes: int, fingerprint: str, environ: Mapping[str, str] | None =
     env = os.environ if environ is None else environ
     if nodes == 1 and env.get("WORLD_SIZE", "").strip() in ("", "1"):
         return Shard()  # no launcher: nothing to read (and no torch to import)
-    from sslpipe.distributed import DistEnv  # imports torch, only under a launcher
+    from sslpipe.models.training.distributed import DistEnv  # imports torch, only under a launcher
 
     launcher = DistEnv.from_env(env)
     if launcher.world_size != nodes:
@@ -464,7 +464,7 @@ def _fetch(
     decoding in ``processes`` threads.
     """
     outcomes: list[Outcome] = []
-    shown = progress_bar(desc="fetching", total=len(rows), unit="img")  # sslpipe.progress
+    shown = progress_bar(desc="fetching", total=len(rows), unit="img")  # sslpipe.core.progress
 
     def record(report: Report) -> None:
         outcome, progress = report

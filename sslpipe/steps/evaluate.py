@@ -24,10 +24,11 @@ When classifier_train skipped training (the retraining guard left ``skipped.json
 a classifier), the output is that ``skipped.json`` and a ``report.md`` that says so; nothing is
 evaluated or registered, and the registered version stays.
 
-The step composes :mod:`sslpipe.evaluation`: the metrics and the gate
-(:mod:`~sslpipe.evaluation.metrics`, scikit-learn's numbers by construction), the report
-(:mod:`~sslpipe.evaluation.report`) and registration (:mod:`~sslpipe.evaluation.registration`).
-The quality gate decides the ``candidate`` alias; it never fails the step.
+The step composes :mod:`sslpipe.models.evaluation`: the metrics and the gate
+(:mod:`~sslpipe.models.evaluation.metrics`, scikit-learn's numbers by construction), the report
+(:mod:`~sslpipe.models.evaluation.report`) and registration
+(:mod:`~sslpipe.models.evaluation.registration`). The quality gate decides the ``candidate`` alias;
+it never fails the step.
 """
 
 from __future__ import annotations
@@ -38,16 +39,17 @@ from typing import Any
 
 import pandas as pd
 
-from sslpipe import tracking
-from sslpipe.config import EvaluateConfig
-from sslpipe.evaluation.metrics import (
+from sslpipe.core.config import EvaluateConfig
+from sslpipe.core.io import atomic_open, read_csv, read_json, write_csv, write_json
+from sslpipe.core.logs import get_logger
+from sslpipe.models.evaluation.metrics import (
     CANDIDATE_ALIAS,
     compute_metrics,
     quality_gate,
     report_table,
 )
-from sslpipe.evaluation.registration import register_evaluation, run_metrics, version_tags
-from sslpipe.evaluation.report import (
+from sslpipe.models.evaluation.registration import register_evaluation, run_metrics, version_tags
+from sslpipe.models.evaluation.report import (
     BASELINES,
     Baseline,
     gate_sentence,
@@ -57,10 +59,9 @@ from sslpipe.evaluation.report import (
     render_report,
     render_skipped_report,
 )
-from sslpipe.io import atomic_open, read_csv, read_json, write_csv, write_json
-from sslpipe.logs import get_logger
-from sslpipe.registry import ModelReferenceError, parse_reference
-from sslpipe.retrain_guard import SKIPPED_FILE, read_skipped
+from sslpipe.models.registry import ModelReferenceError, parse_reference
+from sslpipe.models.training import tracking
+from sslpipe.models.training.retrain_guard import SKIPPED_FILE, read_skipped
 
 __all__ = [  # the step, and the parts it composes (importable from here as before)
     "BASELINES",
@@ -160,7 +161,7 @@ def run_evaluate(
             ) from None
     baselines = load_baselines({"baseline": baseline_dir, "baseline_scratch": baseline_scratch_dir})
     # Imported here: defining the serving classes makes MLflow warn about type hints.
-    from sslpipe.serving.classifier import ClassifierPredictor
+    from sslpipe.models.serving.classifier import ClassifierPredictor
 
     predictor = ClassifierPredictor.from_dir(model_dir, batch_size=batch_size)
     config = predictor.config

@@ -2,21 +2,22 @@
 
 Inputs: a data_prep output folder (manifest.csv, images/, selection.json).
 Outputs:
-    model/       backbone.pt + backbone.json (see sslpipe.backbone_io), loss_curve.png,
+    model/       backbone.pt + backbone.json (see sslpipe.models.backbone_io), loss_curve.png,
                  metrics.json, registered_model.json
     checkpoint/  last.pt, rewritten atomically after every epoch; ``resume`` continues from it
 
 One DataLoader, whose workers persist, serves every epoch; each image's views are drawn with a
 seed of their own, so a resumed run trains exactly like one that never stopped
-(sslpipe.moco.epochs).
+(sslpipe.models.moco.epochs).
 
-Several processes (torchrun, or Azure ML's PyTorch distribution; see sslpipe.distributed):
-every process trains on its own shard of the images (sslpipe.moco.epochs.EpochOrder) with
-``batch_size`` images per step, so the global batch, which the queue receives at every step, is
-``batch_size x WORLD_SIZE``; the learning rate is not rescaled. The query encoder is wrapped in
-DistributedDataParallel and keys are gathered from all processes before they are enqueued
-(sslpipe.moco.MoCo.distribute). Rank 0 alone writes checkpoints, logs, metrics, plots, the kNN
-monitor and the model, and registers it; every process resumes from rank 0's checkpoint.
+Several processes (torchrun, or Azure ML's PyTorch distribution; see
+sslpipe.models.training.distributed): every process trains on its own shard of the images
+(sslpipe.models.moco.epochs.EpochOrder) with ``batch_size`` images per step, so the global batch,
+which the queue receives at every step, is ``batch_size x WORLD_SIZE``; the learning rate is not
+rescaled. The query encoder is wrapped in DistributedDataParallel and keys are gathered from all
+processes before they are enqueued (sslpipe.models.moco.MoCo.distribute). Rank 0 alone writes
+checkpoints, logs, metrics, plots, the kNN monitor and the model, and registers it; every process
+resumes from rank 0's checkpoint.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from sslpipe import distributed, progress, retrain_guard, tracking
-from sslpipe.backbone_io import save_backbone
-from sslpipe.config import MocoConfig
-from sslpipe.io import atomic_path, read_csv, read_optional_json, write_json
-from sslpipe.logs import get_logger
-from sslpipe.moco import (
+from sslpipe.core import progress
+from sslpipe.core.config import MocoConfig
+from sslpipe.core.io import atomic_path, read_csv, read_optional_json, write_json
+from sslpipe.core.logs import get_logger
+from sslpipe.data.packed_images import open_packed
+from sslpipe.models.backbone_io import save_backbone
+from sslpipe.models.moco import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BackboneSpec,
@@ -56,13 +58,13 @@ from sslpipe.moco import (
     eval_transform,
     leave_one_out_knn_top1,
 )
-from sslpipe.moco.batch_augment import BatchMoCoV2Augment, crop_transform
-from sslpipe.moco.epochs import EpochOrder, SeededItems
-from sslpipe.moco.loading import LoaderPlan, loader_plan, views_plan
-from sslpipe.moco.packed_loader import PackedCropLoader
-from sslpipe.moco.split_bn import auto_splits
-from sslpipe.packed_images import open_packed
-from sslpipe.registry import configure_tracking, download_model, register_backbone
+from sslpipe.models.moco.batch_augment import BatchMoCoV2Augment, crop_transform
+from sslpipe.models.moco.epochs import EpochOrder, SeededItems
+from sslpipe.models.moco.loading import LoaderPlan, loader_plan, views_plan
+from sslpipe.models.moco.packed_loader import PackedCropLoader
+from sslpipe.models.moco.split_bn import auto_splits
+from sslpipe.models.registry import configure_tracking, download_model, register_backbone
+from sslpipe.models.training import distributed, retrain_guard, tracking
 
 log = get_logger("moco_train")
 
@@ -93,7 +95,7 @@ class ManifestImages(Dataset[Any]):
 
 class ViewsWithId(Dataset[Any]):
     """``dataset``'s item followed by its index, the image id the queue keeps with each key
-    (:meth:`sslpipe.moco.KeyQueue.negatives_mask`)."""
+    (:meth:`sslpipe.models.moco.KeyQueue.negatives_mask`)."""
 
     def __init__(self, dataset: Dataset[Any]) -> None:
         self.dataset = dataset
@@ -209,7 +211,7 @@ def _loader(
     dataset: Dataset[Any], order: EpochOrder, batch: int, plan: LoaderPlan
 ) -> DataLoader[Any]:
     """The streaming loader of every epoch (``order.set_epoch`` before each): its workers live
-    through the run instead of being forked anew every epoch (:mod:`sslpipe.moco.epochs`)."""
+    through the run instead of being forked anew every epoch (:mod:`sslpipe.models.moco.epochs`)."""
     return DataLoader(
         SeededItems(ViewsWithId(dataset), order.seed),
         batch_size=batch,
@@ -231,7 +233,7 @@ def _views_loader(
     batch: int,
     device: torch.device,
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The loader of the views' crops, packed or streaming (:mod:`sslpipe.moco.loading`),
+    """The loader of the views' crops, packed or streaming (:mod:`sslpipe.models.moco.loading`),
     logging what was chosen and why."""
     packed = open_packed(data_dir, paths) if config.views != "stream" else "moco.views=stream"
     plan = views_plan(config.views, packed, device)
@@ -297,7 +299,8 @@ def _train_epoch(
     """One pass over this process's images: (mean loss over all processes, steps).
 
     With ``augment``, the loader yields ``uint8`` crops and the rest of the MoCo v2 recipe
-    runs here, batched, on ``device`` (see :mod:`sslpipe.moco.batch_augment`). With ``lr_at``,
+    runs here, batched, on ``device`` (see :mod:`sslpipe.models.moco.batch_augment`). With
+    ``lr_at``,
     step ``i`` of ``n`` trains at ``lr_at((i + 1) / n)``. With ``bf16``, the forward pass runs
     under bf16 autocast. The losses add up on the device: nothing in a step waits for it
     (the progress shown as ``desc`` counts steps, and reads no tensor).
@@ -513,7 +516,8 @@ def run_moco_train(
     with the query backbone, for evaluations beyond the kNN monitor (benchmarks); it must leave
     the backbone's weights alone (its mode is reset before training goes on).
 
-    With ``skip_unchanged`` (the retraining guard, :mod:`sslpipe.retrain_guard`), nothing is
+    With ``skip_unchanged`` (the retraining guard, :mod:`sslpipe.models.training.retrain_guard`),
+    nothing is
     trained when the data and settings equal those of the latest registered version of
     ``config.model_name``: ``model_dir`` then receives that version's files and
     ``skipped.json``, and the result's ``skipped`` says why.

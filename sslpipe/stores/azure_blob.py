@@ -38,7 +38,7 @@ from azure.core.exceptions import (
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
-from sslpipe.logs import get_logger
+from sslpipe.core.logs import get_logger
 from sslpipe.stores.azure_blob_auth import (
     ACCOUNT_KEY_ENV,
     CONNECTION_STRING_ENV,

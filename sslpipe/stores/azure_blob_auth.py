@@ -25,8 +25,8 @@ from urllib.parse import unquote, urlparse
 
 from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
 
+from sslpipe.core.uris import is_loopback_host, redact_uri
 from sslpipe.stores.base import StoreError
-from sslpipe.uris import is_loopback_host, redact_uri
 
 CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 SAS_TOKEN_ENV = "AZURE_STORAGE_SAS_TOKEN"

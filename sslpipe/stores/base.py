@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from sslpipe.filters import ImageFilter
+from sslpipe.core.filters import ImageFilter
 
 
 class StoreError(RuntimeError):

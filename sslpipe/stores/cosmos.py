@@ -51,7 +51,8 @@ from azure.cosmos.exceptions import (
     CosmosResourceNotFoundError,
 )
 
-from sslpipe.filters import ImageFilter
+from sslpipe.core.filters import ImageFilter
+from sslpipe.core.uris import redact_uri
 from sslpipe.stores.base import MetadataStore, StoreError, UpsertReport
 from sslpipe.stores.cosmos_location import (
     FILTER_MODES,
@@ -65,7 +66,6 @@ from sslpipe.stores.cosmos_location import (
 from sslpipe.stores.cosmos_query import compile_filter
 from sslpipe.stores.cosmos_retry import RetrySettings, error_reason
 from sslpipe.stores.cosmos_udf import UDF_BODY, UDF_ID
-from sslpipe.uris import redact_uri
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential

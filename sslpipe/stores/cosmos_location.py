@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlparse
 
+from sslpipe.core.uris import redact_uri
 from sslpipe.stores.base import StoreError
-from sslpipe.uris import redact_uri
 
 KEY_ENV = "SSLPIPE_COSMOS_KEY"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})

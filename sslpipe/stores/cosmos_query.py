@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sslpipe.filters import ImageFilter, TaxonomyPath
+from sslpipe.core.filters import ImageFilter, TaxonomyPath
 from sslpipe.stores.cosmos_udf import UDF_ID
 
 _LABELS = "c.labels_with_taxonomy"

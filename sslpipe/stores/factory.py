@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from sslpipe.core.uris import redact_uri
 from sslpipe.stores.base import BlobStore, MetadataStore, StoreError
-from sslpipe.uris import redact_uri
 
 METADATA_SCHEMES = ("sqlite", "cosmos")
 BLOB_SCHEMES = ("file", "https", "http")

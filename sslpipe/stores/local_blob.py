@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from stat import S_ISREG
 
-from sslpipe.io import atomic_path
+from sslpipe.core.io import atomic_path
 from sslpipe.stores.base import BlobInfo, BlobNotFoundError, BlobStore, StoreError, blob_key
 
 # A folder, or a path through a file, is no blob either (as in a blob container).

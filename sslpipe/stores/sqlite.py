@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sslpipe.filters import ImageFilter, TaxonomyPath
+from sslpipe.core.filters import ImageFilter, TaxonomyPath
 from sslpipe.stores.base import MetadataStore, StoreError, UpsertReport
 
 # A level terminator, so that the prefix "A" never matches a path starting with "AB". Label text

@@ -22,10 +22,10 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from sslpipe.cli.component import build_parser, load_spec, parse_bool, run_component
-from sslpipe.config import DataPrepConfig, LabelsConfig, MocoConfig
-from sslpipe.filters import ImageFilter, filter_argument
-from sslpipe.labelled import parse_split
-from sslpipe.moco.backbone import BACKBONES
+from sslpipe.core.config import DataPrepConfig, LabelsConfig, MocoConfig
+from sslpipe.core.filters import ImageFilter, filter_argument
+from sslpipe.data.labelled import parse_split
+from sslpipe.models.moco.backbone import BACKBONES
 
 REPO = Path(__file__).resolve().parents[2]
 COMPONENTS = (

@@ -85,9 +85,9 @@ def test_the_parser_accepts_the_rendered_command() -> None:
 def load_main(monkeypatch: pytest.MonkeyPatch) -> Any:
     """``components/sync_labels/main.py`` with its step function replaced by a recorder."""
     calls: list[dict[str, Any]] = []
-    stub = types.ModuleType("sslpipe.labelstudio.step")
+    stub = types.ModuleType("sslpipe.data.labelstudio.step")
     stub.run_sync_labels = lambda **kwargs: calls.append(kwargs)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "sslpipe.labelstudio.step", stub)
+    monkeypatch.setitem(sys.modules, "sslpipe.data.labelstudio.step", stub)
     module_spec = importlib.util.spec_from_file_location(
         "_main_sync_labels", SPEC_PATH.parent / "main.py"
     )

@@ -23,9 +23,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sslpipe.filters import ImageFilter, TaxonomyPath
-from sslpipe.ingest import IngestError, ingest_folder
-from sslpipe.metadata import validate_document
+from sslpipe.core.filters import ImageFilter, TaxonomyPath
+from sslpipe.core.metadata import validate_document
+from sslpipe.data.ingest import IngestError, ingest_folder
 from sslpipe.stores import cosmos, sqlite
 from sslpipe.stores.local_blob import LocalFolderBlobStore
 from sslpipe.stores.sqlite import SQLiteMetadataStore
@@ -253,7 +253,7 @@ def _annotators(document: dict[str, Any]) -> set[str]:
 
 
 def expected_ids(documents: list[dict[str, Any]], image_filter: ImageFilter) -> list[str]:
-    """The filter evaluated in plain Python, by its documented meaning (sslpipe/filters.py):
+    """The filter evaluated in plain Python, by its documented meaning (sslpipe/core/filters.py):
     only true JSON booleans and strings count, a prefix matches a path's first levels."""
 
     def starts(path: TaxonomyPath, prefixes: list[TaxonomyPath]) -> bool:
@@ -448,8 +448,8 @@ TRICKY_LABELS = [
 def test_hostile_labels_reach_the_id_list_and_manifest_unchanged(
     tiny_catalog: Any, make_document: DocumentMaker
 ) -> None:
-    from sslpipe.config import LabelsConfig
-    from sslpipe.io import read_csv
+    from sslpipe.core.config import LabelsConfig
+    from sslpipe.core.io import read_csv
     from sslpipe.steps.connect_db import run_connect_db
     from sslpipe.steps.data_prep import run_data_prep
 

@@ -1,6 +1,6 @@
 """Crash safety (issue 7, item 3).
 
-- Every file the package writes goes through ``sslpipe/io.py``'s atomic helpers (a temporary
+- Every file the package writes goes through ``sslpipe/core/io.py``'s atomic helpers (a temporary
   name, then a rename): a scan of the source finds each direct write (``open(..., "w")``,
   ``write_text``, ``write_bytes``, ``torch.save``, ``to_csv``, ``savefig``, ``np.save``,
   ``shutil.copy*``, ...) whose target is not the temporary path of ``atomic_path`` /
@@ -35,8 +35,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sslpipe.config import ClassifierConfig, MocoConfig
-from sslpipe.io import read_journal
+from sslpipe.core.config import ClassifierConfig, MocoConfig
+from sslpipe.core.io import read_journal
 from sslpipe.steps import classifier_train, moco_train
 from sslpipe.steps.data_prep import PROGRESS_FILE, run_data_prep
 from sslpipe.stores.azure_blob import CONNECTION_STRING_ENV, AzureBlobStore
@@ -60,13 +60,13 @@ _ATOMIC = {"atomic_path", "atomic_open"}
 _IN_MEMORY = {"BytesIO", "StringIO"}
 # file, function, the call's text up to its first parenthesis -> why it may write directly.
 ALLOWED = {
-    ("sslpipe/executor/local.py", "_run_step", "open"):
+    ("sslpipe/execution/local.py", "_run_step", "open"):
         "the step's log.txt, appended line by line while the step runs: a killed run keeps "
         "every line it wrote, and no step reads it back",
-    ("sslpipe/executor/local.py", "_execute", "record.save"):
+    ("sslpipe/execution/local.py", "_execute", "record.save"):
         "RunRecord.save is write_json (atomic)",
-    ("sslpipe/executor/local.py", "_save", "record.save"): "RunRecord.save is write_json (atomic)",
-    ("sslpipe/environments.py", "write_pins", "path.write_text"):
+    ("sslpipe/execution/local.py", "_save", "record.save"): "RunRecord.save is write_json (atomic)",
+    ("sslpipe/execution/environments.py", "write_pins", "path.write_text"):
         "a developer command that regenerates the committed requirements files (git shows "
         "a half-written one); no run writes or reads them",
 }  # fmt: skip
@@ -188,7 +188,7 @@ def test_every_file_the_package_writes_is_written_atomically() -> None:
     found = []
     for path in sorted((REPO / "sslpipe").rglob("*.py")):
         relative = path.relative_to(REPO).as_posix()
-        if relative == "sslpipe/io.py":
+        if relative == "sslpipe/core/io.py":
             continue  # the atomic helpers themselves, and the append-only journal
         found += direct_writes(path.read_text(encoding="utf-8"), relative)
     used = set()
@@ -200,8 +200,8 @@ def test_every_file_the_package_writes_is_written_atomically() -> None:
         else:
             unexplained.append(f"{file_name}:{line} in {function}(): {call[:100]}")
     assert not unexplained, (
-        "direct writes to a final path (use sslpipe.io.atomic_path / atomic_open / write_json / "
-        "write_csv, or allow them here with the reason):\n" + "\n".join(unexplained)
+        "direct writes to a final path (use sslpipe.core.io.atomic_path / atomic_open / "
+        "write_json / write_csv, or allow them here with the reason):\n" + "\n".join(unexplained)
     )
     assert used == set(ALLOWED), f"allowed but no longer found: {set(ALLOWED) - used}"
 
@@ -416,11 +416,11 @@ register_optimizer_step_post_hook(hook)
 kw = json.loads(arguments)
 paths = {k: Path(kw[k]) for k in ("data_dir", "model_dir", "checkpoint_dir")}
 if which == "moco":
-    from sslpipe.config import MocoConfig
+    from sslpipe.core.config import MocoConfig
     from sslpipe.steps.moco_train import run_moco_train
     run_moco_train(**paths, config=MocoConfig(**kw["config"]), register=False)
 else:
-    from sslpipe.config import ClassifierConfig
+    from sslpipe.core.config import ClassifierConfig
     from sslpipe.steps.classifier_train import run_classifier_train
     run_classifier_train(**paths, config=ClassifierConfig(**kw["config"]))
 """

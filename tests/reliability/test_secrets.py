@@ -31,10 +31,10 @@ from urllib.parse import quote
 
 import pytest
 
-from sslpipe.labelstudio.client import TOKEN_ENV, LabelStudioError, connect
+from sslpipe.data.labelstudio.client import TOKEN_ENV, LabelStudioError, connect
 from sslpipe.stores import StoreError, azure_blob, cosmos
 from sslpipe.stores.sqlite import SQLiteMetadataStore
-from tests.test_azureml import AZURE_STORES
+from tests.execution.test_azureml import AZURE_STORES
 from tests.test_execute_e2e import TINY
 
 ROOT = Path(__file__).resolve().parents[2]

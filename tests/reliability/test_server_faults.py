@@ -9,7 +9,7 @@
 - connect_db through an HTTPS proxy in front of the Cosmos-compatible server that answers 429
   with ``x-ms-retry-after-ms`` and 503 at random (seeded) writes exactly the id list it writes
   without the proxy.
-- Label Studio unreachable: proven by tests/labelstudio/test_sync.py
+- Label Studio unreachable: proven by tests/data/labelstudio/test_sync.py
   (``test_an_unreachable_label_studio_changes_nothing`` and
   ``test_the_sync_command_exits_1_with_one_line_when_label_studio_is_down``): the sync fails
   with one line naming the URL, and the metadata documents are unchanged.
@@ -40,8 +40,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sslpipe.filters import ImageFilter
-from sslpipe.io import read_journal
+from sslpipe.core.filters import ImageFilter
+from sslpipe.core.io import read_journal
 from sslpipe.steps import data_prep
 from sslpipe.steps.connect_db import run_connect_db
 from sslpipe.steps.data_prep import PROGRESS_FILE, run_data_prep

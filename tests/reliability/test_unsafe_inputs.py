@@ -25,9 +25,9 @@ import pandas as pd
 import pytest
 import torch
 
-from sslpipe.config import ConfigError, load_config
-from sslpipe.ingest import ingest_folder
-from sslpipe.io import read_csv
+from sslpipe.core.config import ConfigError, load_config
+from sslpipe.core.io import read_csv
+from sslpipe.data.ingest import ingest_folder
 from sslpipe.steps.data_prep import run_data_prep
 from sslpipe.stores.local_blob import LocalFolderBlobStore
 from sslpipe.stores.sqlite import SQLiteMetadataStore
@@ -261,8 +261,8 @@ def test_the_malicious_file_really_runs_code_when_unpickled(tmp_path: Path) -> N
 
 
 def _backbone_folder(folder: Path) -> None:
-    from sslpipe.backbone_io import save_backbone
-    from sslpipe.moco.backbone import BackboneSpec, build_backbone
+    from sslpipe.models.backbone_io import save_backbone
+    from sslpipe.models.moco.backbone import BackboneSpec, build_backbone
 
     spec = BackboneSpec("resnet18", small_stem=True)
     backbone, _ = build_backbone(spec)
@@ -270,8 +270,8 @@ def _backbone_folder(folder: Path) -> None:
 
 
 def _classifier_folder(folder: Path) -> None:
-    from sslpipe.classifier.model import ClassifierHead, ImageClassifier, save_classifier
-    from sslpipe.moco.backbone import BackboneSpec, build_backbone
+    from sslpipe.models.classifier.model import ClassifierHead, ImageClassifier, save_classifier
+    from sslpipe.models.moco.backbone import BackboneSpec, build_backbone
 
     spec = BackboneSpec("resnet18", small_stem=True)
     backbone, dim = build_backbone(spec)
@@ -283,13 +283,13 @@ def _classifier_folder(folder: Path) -> None:
 
 
 def _load_backbone(folder: Path) -> Any:
-    from sslpipe.backbone_io import load_backbone_dir
+    from sslpipe.models.backbone_io import load_backbone_dir
 
     return load_backbone_dir(folder)
 
 
 def _load_classifier(folder: Path) -> Any:
-    from sslpipe.classifier.model import load_classifier_dir
+    from sslpipe.models.classifier.model import load_classifier_dir
 
     return load_classifier_dir(folder)
 
@@ -340,7 +340,7 @@ def test_cached_torchvision_weights_with_a_pickled_object_are_refused(
 ) -> None:
     from torchvision import models
 
-    from sslpipe.classifier import backbones
+    from sslpipe.models.classifier import backbones
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     url = models.get_model_weights("resnet18").DEFAULT.url

@@ -21,15 +21,20 @@ import torch
 from azure.ai.ml import load_component
 from PIL import Image
 
-from sslpipe.backbone_io import save_backbone
-from sslpipe.classifier import CLASSIFIER_FORMAT, load_classifier_dir
-from sslpipe.classifier.augment import eval_transform
-from sslpipe.classifier.train import LabelledImageDataset, macro_f1, predict, read_labelled_data
 from sslpipe.cli.component import build_parser, load_spec, run_component
-from sslpipe.config import ClassifierConfig, EvaluateConfig
-from sslpipe.executor.local import format_value, resolve_command
-from sslpipe.moco.backbone import BackboneSpec, build_backbone
-from sslpipe.registry import configure_tracking
+from sslpipe.core.config import ClassifierConfig, EvaluateConfig
+from sslpipe.execution.local import format_value, resolve_command
+from sslpipe.models.backbone_io import save_backbone
+from sslpipe.models.classifier import CLASSIFIER_FORMAT, load_classifier_dir
+from sslpipe.models.classifier.augment import eval_transform
+from sslpipe.models.classifier.train import (
+    LabelledImageDataset,
+    macro_f1,
+    predict,
+    read_labelled_data,
+)
+from sslpipe.models.moco.backbone import BackboneSpec, build_backbone
+from sslpipe.models.registry import configure_tracking
 from sslpipe.steps import classifier_train as step
 from sslpipe.steps.classifier_train import CHECKPOINT_FILE, run_classifier_train
 

@@ -20,17 +20,17 @@ import mlflow
 import pytest
 import torch
 
-from sslpipe.classifier import load_classifier_dir
-from sslpipe.classifier.augment import eval_transform
-from sslpipe.classifier.train import (
+from sslpipe.core.config import ClassifierConfig
+from sslpipe.models.classifier import load_classifier_dir
+from sslpipe.models.classifier.augment import eval_transform
+from sslpipe.models.classifier.train import (
     LabelledImageDataset,
     make_criterion,
     predict,
     read_labelled_data,
     scores,
 )
-from sslpipe.config import ClassifierConfig
-from sslpipe.distributed import DistEnv
+from sslpipe.models.training.distributed import DistEnv
 from sslpipe.steps import classifier_train as step
 from sslpipe.steps.classifier_train import (
     CHECKPOINT_FILE,

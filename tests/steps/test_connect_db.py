@@ -9,9 +9,9 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from sslpipe.config import LabelsConfig
-from sslpipe.filters import ImageFilter
-from sslpipe.labelled import LABELLED_COLUMNS, TooFewImagesError
+from sslpipe.core.config import LabelsConfig
+from sslpipe.core.filters import ImageFilter
+from sslpipe.data.labelled import LABELLED_COLUMNS, TooFewImagesError
 from sslpipe.steps.connect_db import (
     ID_COLUMNS,
     EmptySelectionError,

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sslpipe.packed_images import open_packed
+from sslpipe.data.packed_images import open_packed
 from sslpipe.steps.data_prep import MANIFEST_COLUMNS, TooManySkippedError, run_data_prep
 from sslpipe.stores import StoreError
 

@@ -1,4 +1,4 @@
-"""data_prep across runs: the workspace's image cache (sslpipe.image_cache, issue 16 item 3).
+"""data_prep across runs: the workspace's image cache (sslpipe.data.image_cache, issue 16 item 3).
 
 Each run writes into a new output folder, as every local run does; only the cache is shared.
 The main scenario runs against the local folder store and against Azurite (conditional GETs);
@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from sslpipe.image_cache import IMAGE_CACHE_ENV, CachedImage, ImageCache, main, prune
+from sslpipe.data.image_cache import IMAGE_CACHE_ENV, CachedImage, ImageCache, main, prune
 from sslpipe.steps.data_prep import run_data_prep
 from sslpipe.stores.base import BlobStore
 from tests.steps.blob_containers import CONTAINERS, BlobContainer, in_local_folder

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 
 from benchmarks.latency_proxy import LatencyProxy
-from sslpipe.config import DataPrepConfig
+from sslpipe.core.config import DataPrepConfig
 from sslpipe.steps import data_prep
 from sslpipe.steps.data_prep import DEFAULT_CONCURRENCY, concurrency_shares, run_data_prep
 from sslpipe.stores.azure_blob import CONNECTION_STRING_ENV, AzureBlobStore

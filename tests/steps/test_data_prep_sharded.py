@@ -21,9 +21,9 @@ import pandas as pd
 import pytest
 
 from pipelines import PIPELINES
-from sslpipe.config import load_config
-from sslpipe.distributed import DistributedEnvError
-from sslpipe.executor import PipelineGraph, PipelineGraphError
+from sslpipe.core.config import load_config
+from sslpipe.execution import PipelineGraph, PipelineGraphError
+from sslpipe.models.training.distributed import DistributedEnvError
 from sslpipe.steps.data_prep import (
     DataPrepNodesError,
     TooManySkippedError,

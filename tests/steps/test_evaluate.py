@@ -12,7 +12,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from azure.ai.ml import load_component
-from classifier_testkit import (
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+from sslpipe.cli.component import build_parser, load_spec, run_component
+from sslpipe.core.config import EvaluateConfig
+from sslpipe.models.training.retrain_guard import GuardDecision, write_skipped
+from sslpipe.steps.evaluate import compute_metrics, run_evaluate
+from tests.blocked_imports import without_packages
+from tests.classifier_testkit import (
     CLASSES,
     FILTER,
     REPO,
@@ -22,14 +30,6 @@ from classifier_testkit import (
     tracking_store,
     write_corrupt,
 )
-from mlflow.tracking import MlflowClient
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-
-from sslpipe.cli.component import build_parser, load_spec, run_component
-from sslpipe.config import EvaluateConfig
-from sslpipe.retrain_guard import GuardDecision, write_skipped
-from sslpipe.steps.evaluate import compute_metrics, run_evaluate
-from tests.blocked_imports import without_packages
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SPEC = REPO / "components" / "evaluate" / "component.yaml"
@@ -437,8 +437,8 @@ REPORT_WITHOUT_MLFLOW = without_packages("mlflow") + """
 import json, sys
 from pathlib import Path
 
-from sslpipe.evaluation.metrics import compute_metrics, quality_gate
-from sslpipe.evaluation.report import plot_confusion_matrix, render_report
+from sslpipe.models.evaluation.metrics import compute_metrics, quality_gate
+from sslpipe.models.evaluation.report import plot_confusion_matrix, render_report
 
 metrics = compute_metrics(["cat", "dog", "dog"], ["cat", "dog", "cat"], ["cat", "dog"])
 gate = quality_gate(metrics, 0.5)
@@ -448,7 +448,7 @@ report = render_report(metrics=metrics, gate=gate, registered=None, data=data, m
 plot_confusion_matrix(Path(sys.argv[1]), metrics["confusion_matrix"], metrics["classes"])
 print(json.dumps({
     "loaded": sorted(m for m in sys.modules if m.partition(".")[0] == "mlflow"
-                     or m in ("sslpipe.registry", "sslpipe.tracking")),
+                     or m in ("sslpipe.models.registry", "sslpipe.models.training.tracking")),
     "report": report,
 }))
 """

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sslpipe.config import MocoConfig
+from sslpipe.core.config import MocoConfig
 from sslpipe.steps.moco_train import run_moco_train
 
 IMAGE_SIZE = 32

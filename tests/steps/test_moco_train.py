@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sslpipe.config import MocoConfig
-from sslpipe.packed_images import write_packed
+from sslpipe.core.config import MocoConfig
+from sslpipe.data.packed_images import write_packed
 from sslpipe.steps.moco_train import CHECKPOINT_FILE, effective_sizes, run_moco_train
 
 REPO = Path(__file__).resolve().parents[2]

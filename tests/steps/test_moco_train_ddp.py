@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from sslpipe.config import MocoConfig
-from sslpipe.distributed import DistEnv
+from sslpipe.core.config import MocoConfig
+from sslpipe.models.training.distributed import DistEnv
 from sslpipe.steps.moco_train import CHECKPOINT_FILE, effective_sizes, run_moco_train
 from tests.steps.test_moco_train import SMALL, make_data, pack
 

@@ -18,7 +18,6 @@ from urllib.parse import urlparse
 import pytest
 from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
 from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
-from faults import CuttingProxy, FaultProxy
 
 from sslpipe.stores import StoreError, blob_get, open_blob_store
 from sslpipe.stores.azure_blob import (
@@ -34,6 +33,7 @@ from sslpipe.stores.azure_blob import (
 )
 from sslpipe.stores.base import BlobNotFoundError
 from sslpipe.stores.blob_get import SAS_LIFETIME, SAS_RENEW, SasSource
+from tests.faults import CuttingProxy, FaultProxy
 
 AZURE_ENV = (CONNECTION_STRING_ENV, SAS_TOKEN_ENV, ACCOUNT_KEY_ENV)
 # Fast retries: the SDK's own retries of a broken body still sleep 1 s each.

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import pytest
 from azure.cosmos import CosmosClient
 
-from sslpipe.filters import ImageFilter
+from sslpipe.core.filters import ImageFilter
 from sslpipe.stores import StoreError, open_metadata_store
 from sslpipe.stores import cosmos as cosmos_module
 from sslpipe.stores.base import MetadataStore, UpsertReport

@@ -21,7 +21,7 @@ from azure.cosmos import ContainerProxy, CosmosClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sslpipe.filters import ImageFilter
+from sslpipe.core.filters import ImageFilter
 from sslpipe.stores.cosmos import CosmosMetadataStore, install_udf
 from sslpipe.stores.sqlite import SQLiteMetadataStore
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sslpipe.filters import ImageFilter
+from sslpipe.core.filters import ImageFilter
 from sslpipe.stores.cosmos_query import compile_filter
 from sslpipe.stores.cosmos_udf import UDF_ID
 from tests.blocked_imports import without_packages
@@ -144,7 +144,7 @@ WITHOUT_AZURE = (
     + """
 import json, sys
 
-from sslpipe.filters import ImageFilter
+from sslpipe.core.filters import ImageFilter
 from sslpipe.stores.cosmos_query import compile_filter
 
 query, params = compile_filter(ImageFilter(include_labels=[["A"]], min_annotators=2))

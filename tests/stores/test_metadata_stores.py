@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from sslpipe.filters import ImageFilter
+from sslpipe.core.filters import ImageFilter
 from sslpipe.stores import StoreError, open_metadata_store
 from sslpipe.stores.base import MetadataStore, UpsertReport
 from sslpipe.stores.sqlite import SQLiteMetadataStore, compile_filter

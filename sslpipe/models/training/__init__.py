@@ -1,0 +1,3 @@
+"""What both training steps share: the distributed session, experiment tracking and the
+retraining guard.
+"""
