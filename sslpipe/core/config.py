@@ -296,8 +296,8 @@ _TRAINING_STEPS = ("moco", "classifier")
 
 
 class RetrainConfig(_Section):
-    """The retraining guard (sslpipe.models.training.retrain_guard) of the steps that register a
-    model."""
+    """The retraining guard (sslpipe.models.training.retrain_guard) of the steps that register
+    a model."""
 
     skip_unchanged: bool | None = Field(
         None,

@@ -33,11 +33,9 @@ every process resumes from rank 0's checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from sslpipe.core.config import ClassifierConfig
-from sslpipe.core.io import atomic_path, read_optional_json, write_json
+from sslpipe.core.io import read_optional_json, write_json
 from sslpipe.core.logs import get_logger
 from sslpipe.models.classifier.augment import eval_transform, train_transform
 from sslpipe.models.classifier.backbones import resolve_backbone
@@ -67,11 +65,20 @@ from sslpipe.models.classifier.train import (
     train_epoch,
     trainable_parameters,
 )
-from sslpipe.models.training import distributed, retrain_guard, tracking
+from sslpipe.models.training import distributed, retrain_guard
+from sslpipe.models.training.scaffold import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    TrainingState,
+    check_process_count,
+    skip_reason,
+    step_tracker,
+    tracking_run,
+    training_session,
+)
 
 log = get_logger("classifier_train")
 
-CHECKPOINT_FILE = "last.pt"
 HISTORY_FILE = "history.json"
 METRICS_FILE = "train_metrics.json"
 CURVES_FILE = "curves.png"
@@ -96,13 +103,13 @@ def stages_for(config: ClassifierConfig) -> list[Stage]:
 
 
 @dataclass
-class TrainingState:
+class ClassifierState(TrainingState):
+    """``epoch`` counts the epochs of every stage."""
+
     stage: int = 0  # index of the stage under way (len(stages) when all are done)
     stage_epoch: int = 0  # epochs done in that stage
-    epoch: int = 0  # epochs done overall
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: list[str] = field(default_factory=list)  # names of stages stopped early
-    mlflow_run_id: str | None = None
 
 
 def build_classifier(
@@ -231,14 +238,11 @@ def _setup_fingerprint(config: ClassifierConfig, backbone: dict[str, Any]) -> st
 
 def _guard(model_name: str, model_dir: Path, *, data: str, setup: str, main: bool) -> str | None:
     """The reason to skip training (``model_dir`` then holds ``skipped.json``), or None."""
-    decision = retrain_guard.decide(model_name, data=data, setup=setup)
-    if not decision.skip:
-        log.info("retraining: %s", decision.reason)
-        return None
-    log.info("SKIPPING TRAINING: %s; the registered classifier stays", decision.reason)
-    if main:
+
+    def keep(decision: retrain_guard.GuardDecision) -> None:
         retrain_guard.write_skipped(model_dir, decision, step="classifier_train")
-    return decision.reason
+
+    return skip_reason(model_name, data=data, setup=setup, main=main, kept="classifier", keep=keep)
 
 
 def _backbone_identity(lineage: dict[str, Any]) -> dict[str, Any]:
@@ -251,31 +255,6 @@ def _backbone_identity(lineage: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _save_checkpoint(
-    folder: Path,
-    model: ImageClassifier,
-    optimizer: torch.optim.Optimizer | None,
-    stopper: EarlyStopping,
-    state: TrainingState,
-    identity: dict[str, Any],
-) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "early_stopping": stopper.state_dict(),
-        "stage": state.stage,
-        "stage_epoch": state.stage_epoch,
-        "epoch": state.epoch,
-        "history": state.history,
-        "stopped_early": state.stopped_early,
-        "mlflow_run_id": state.mlflow_run_id,
-        **identity,
-    }
-    with atomic_path(folder / CHECKPOINT_FILE) as tmp:
-        torch.save(payload, tmp)
-
-
 def _identity(
     config: ClassifierConfig, fingerprint: str, backbone: dict[str, Any]
 ) -> dict[str, Any]:
@@ -284,37 +263,6 @@ def _identity(
         "data_fingerprint": fingerprint,
         "backbone": backbone,
     }
-
-
-def _load_checkpoint(
-    folder: Path, model: ImageClassifier, stopper: EarlyStopping, identity: dict[str, Any]
-) -> tuple[TrainingState, dict[str, Any] | None] | None:
-    path = folder / CHECKPOINT_FILE
-    if not path.is_file():
-        return None
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    for key, what in (
-        ("config", "configuration"),
-        ("data_fingerprint", "data (manifest.csv)"),
-        ("backbone", "backbone"),
-    ):
-        if payload.get(key) != identity[key]:
-            raise ValueError(
-                f"cannot resume from {path}: it was written with a different {what}; "
-                "start a fresh run instead of --resume"
-            )
-    model.load_state_dict(payload["model"])
-    stopper.load_state_dict(payload["early_stopping"])
-    state = TrainingState(
-        stage=int(payload["stage"]),
-        stage_epoch=int(payload["stage_epoch"]),
-        epoch=int(payload["epoch"]),
-        history=list(payload["history"]),
-        stopped_early=list(payload["stopped_early"]),
-        mlflow_run_id=payload["mlflow_run_id"],
-    )
-    log.info("resuming from %s after epoch %d", path, state.epoch)
-    return state, payload["optimizer"]
 
 
 def run_classifier_train(
@@ -332,10 +280,9 @@ def run_classifier_train(
     """Train the classifier, checkpoint every epoch and write the classifier folder.
 
     With ``skip_unchanged`` (the retraining guard, :mod:`sslpipe.models.training.retrain_guard`),
-    nothing is
-    trained when the data, settings and backbone equal those of the latest registered version
-    of ``model_name`` (the name evaluate registers under): ``model_dir`` then holds only
-    ``skipped.json`` and the result's ``skipped`` says why.
+    nothing is trained when the data, settings and backbone equal those of the latest
+    registered version of ``model_name`` (the name evaluate registers under): ``model_dir``
+    then holds only ``skipped.json`` and the result's ``skipped`` says why.
 
     Runs in one process, or in each of ``config.nodes x config.processes_per_node`` processes
     started by torchrun or Azure ML (``env``: default, read from the environment). Every
@@ -353,17 +300,15 @@ def run_classifier_train(
             processes other than the configured one.
     """
     env = distributed.DistEnv.from_env() if env is None else env
-    expected = config.nodes * config.processes_per_node
-    if env.world_size != expected:
-        raise ValueError(
-            f"classifier_train is configured for {config.nodes} node(s) x "
-            f"{config.processes_per_node} process(es) = {expected}, but it runs in "
-            f"{env.world_size} (WORLD_SIZE); launch it with torchrun --nproc_per_node "
-            f"{config.processes_per_node} (the local executor does) or set classifier.nodes and "
-            "classifier.processes_per_node to match"
-        )
-    with distributed.quiet_unless_main(log, env), distributed.session(env) as device:
-        result = _run(
+    check_process_count(
+        "classifier_train",
+        env,
+        nodes=config.nodes,
+        processes_per_node=config.processes_per_node,
+        settings="classifier.",
+    )
+    with training_session(env, log) as device:
+        return _run(
             data_dir=Path(data_dir),
             model_dir=Path(model_dir),
             checkpoint_dir=Path(checkpoint_dir),
@@ -374,34 +319,6 @@ def run_classifier_train(
             env=env,
             device=device,
         )
-        distributed.barrier()  # nobody leaves before rank 0 has written the model folder
-    return result
-
-
-@contextlib.contextmanager
-def _tracking_run(tracker: tracking.Tracker, state: TrainingState, main: bool) -> Iterator[Any]:
-    """The tracking run on rank 0 (continued after a resume); None in the other processes."""
-    if not main:
-        yield None
-        return
-    with tracker.start_run(
-        run_id=state.mlflow_run_id,
-        run_name="classifier_train",
-        tags={"sslpipe.step": "classifier_train"},
-    ) as run:
-        yield run
-
-
-def _configure_tracking(env: distributed.DistEnv) -> tracking.Tracker:
-    """The step's tracker, configured on rank 0 first: it may create the store and the
-    experiment, which the other processes only read (a registered backbone) once they exist."""
-    tracker = tracking.default_tracker()
-    if env.is_main:
-        tracker.configure()
-    distributed.barrier()
-    if not env.is_main:
-        tracker.configure()
-    return tracker
 
 
 def _run(
@@ -421,7 +338,7 @@ def _run(
     data = read_labelled_data(data_dir)
     if data.ignored_rows:
         log.warning("%d manifest rows outside train/val/test are ignored", data.ignored_rows)
-    tracker = _configure_tracking(env)  # the registry lives where tracking points
+    tracker = step_tracker(env)  # the registry lives where tracking points
     backbone, spec, backbone_lineage = resolve_backbone(config.backbone, backbone_dir=backbone_dir)
     fingerprint = retrain_guard.data_fingerprint(data_dir)
     setup = _setup_fingerprint(config, _backbone_identity(backbone_lineage))
@@ -460,8 +377,12 @@ def _run(
 
     stopper = EarlyStopping(config.patience)
     # Every process loads rank 0's checkpoint.
-    loaded = _load_checkpoint(checkpoint_dir, model, stopper, identity) if resume else None
-    state, optimizer_state = loaded or (TrainingState(), None)
+    checkpoint = Checkpoint(checkpoint_dir)
+    loaded = checkpoint.resume(model, identity) if resume else None
+    state, optimizer_state = ClassifierState(), None
+    if loaded is not None:
+        stopper.load_state_dict(loaded["early_stopping"])
+        state, optimizer_state = ClassifierState.from_payload(loaded), loaded["optimizer"]
     distributed.check_same_start(state.epoch, checkpoint_dir, device)
     if env.is_distributed:  # the same start everywhere, frozen backbone included
         distributed.broadcast_([*model.parameters(), *model.buffers()])
@@ -493,23 +414,20 @@ def _run(
         )
 
     selection = read_optional_json(data_dir / "selection.json")
-    with _tracking_run(tracker, state, main) as run:
-        if main and state.mlflow_run_id is None:
-            run.log_params(
-                {
-                    **config.model_dump(mode="json"),
-                    "backbone_source": backbone_lineage["source"],
-                    "backbone_init": backbone_lineage["init"],
-                    "backbone_version": backbone_lineage.get("version"),
-                    "num_classes": len(data.classes),
-                    "balance": balance,
-                    "world_size": env.world_size,
-                    "global_batch_size": batch * env.world_size,
-                    **{f"num_{k}": v for k, v in num_images.items()},
-                }
-            )
-        state.mlflow_run_id = run.run_id if run is not None else state.mlflow_run_id
-
+    params = {
+        **config.model_dump(mode="json"),
+        "backbone_source": backbone_lineage["source"],
+        "backbone_init": backbone_lineage["init"],
+        "backbone_version": backbone_lineage.get("version"),
+        "num_classes": len(data.classes),
+        "balance": balance,
+        "world_size": env.world_size,
+        "global_batch_size": batch * env.world_size,
+        **{f"num_{k}": v for k, v in num_images.items()},
+    }
+    with tracking_run(
+        tracker, step="classifier_train", state=state, main=main, params=lambda: params
+    ) as run:
         while state.stage < len(stages):
             stage = stages[state.stage]
             if state.stage > 0 and state.stage_epoch == 0 and stopper.best_state is not None:
@@ -633,13 +551,12 @@ def _run(
                     state.stage, state.stage_epoch = state.stage + 1, 0
                     stopper.reset_patience()
                 if main:
-                    _save_checkpoint(
-                        checkpoint_dir,
-                        model,
-                        None if finished else optimizer,
-                        stopper,
-                        state,
-                        identity,
+                    checkpoint.save(
+                        model=model,
+                        optimizer=None if finished else optimizer,
+                        state=state,
+                        identity=identity,
+                        early_stopping=stopper.state_dict(),
                     )
                 if finished:
                     break

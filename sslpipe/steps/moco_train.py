@@ -22,14 +22,13 @@ resumes from rank 0's checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +64,24 @@ from sslpipe.models.moco.packed_loader import PackedCropLoader
 from sslpipe.models.moco.split_bn import auto_splits
 from sslpipe.models.registry import configure_tracking, download_model, register_backbone
 from sslpipe.models.training import distributed, retrain_guard, tracking
+from sslpipe.models.training.scaffold import (
+    CHECKPOINT_FILE as CHECKPOINT_FILE,  # re-exported: the checkpoint's name in the folder
+)
+from sslpipe.models.training.scaffold import (
+    Checkpoint,
+    TrainingState,
+    check_process_count,
+    skip_reason,
+    step_tracker,
+    tracking_run,
+    training_session,
+)
 
 log = get_logger("moco_train")
 
 EpochCallback = Callable[[int, torch.nn.Module], None]
 """``on_epoch(epoch, backbone)`` of :func:`run_moco_train`."""
 
-CHECKPOINT_FILE = "last.pt"
 RESUMABLE_CHANGES = frozenset({"num_workers", "views", "knn_every"})
 """Settings a run may be resumed with other values of: they choose how the images are fed and
 watched, not what is trained. (``views`` changes the random stream, never the distribution.)"""
@@ -108,12 +118,15 @@ class ViewsWithId(Dataset[Any]):
 
 
 @dataclass
-class TrainingState:
-    epoch: int = 0
-    losses: list[float] | None = None
-    knn: list[float] | None = None
-    mlflow_run_id: str | None = None
-    knn_epochs: list[int] | None = None  # the epochs ``knn`` was measured after (0: random init)
+class MocoState(TrainingState):
+    losses: list[float] = field(default_factory=list)  # per epoch
+    knn: list[float] = field(default_factory=list)  # kNN monitor top-1, after ``knn_epochs``
+    knn_epochs: list[int] = field(default_factory=list)  # 0: random init
+
+    def __post_init__(self) -> None:
+        # Checkpoints written before knn_every existed measured after every epoch.
+        self.losses, self.knn = list(self.losses or []), list(self.knn or [])
+        self.knn_epochs = list(self.knn_epochs or range(len(self.knn)))
 
 
 def effective_sizes(config: MocoConfig, num_images: int, world_size: int = 1) -> tuple[int, int]:
@@ -379,59 +392,6 @@ def _monitored_after(config: MocoConfig, epoch: int) -> bool:
     return epoch == config.epochs or (every > 0 and epoch % every == 0)
 
 
-def _save_checkpoint(
-    folder: Path,
-    model: MoCo,
-    optimizer: torch.optim.Optimizer,
-    state: TrainingState,
-    config: MocoConfig,
-    world_size: int = 1,
-) -> None:
-    """Write ``last.pt`` atomically; call it on rank 0 only."""
-    folder.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": state.epoch,
-        "losses": state.losses,
-        "knn": state.knn,
-        "knn_epochs": state.knn_epochs,
-        "mlflow_run_id": state.mlflow_run_id,
-        "config": config.model_dump(mode="json"),
-        "world_size": world_size,
-    }
-    with atomic_path(folder / CHECKPOINT_FILE) as tmp:
-        torch.save(payload, tmp)
-
-
-def _load_checkpoint(
-    folder: Path, model: MoCo, optimizer: torch.optim.Optimizer, config: MocoConfig
-) -> TrainingState | None:
-    path = folder / CHECKPOINT_FILE
-    if not path.is_file():
-        return None
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    # The machine-sized settings may differ on the machine that resumes.
-    saved, current = (
-        {k: v for k, v in c.items() if k not in RESUMABLE_CHANGES}
-        for c in (payload["config"], config.model_dump(mode="json"))
-    )
-    if saved != current:
-        changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
-        raise ValueError(
-            f"cannot resume from {path}: it was written with a different configuration "
-            f"({', '.join(changed)} changed); start a fresh run instead of --resume"
-        )
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    log.info("resuming from %s after epoch %d", path, payload["epoch"])
-    knn = payload["knn"]
-    knn_epochs = payload.get("knn_epochs") or list(range(len(knn or [])))
-    return TrainingState(
-        payload["epoch"], payload["losses"], knn, payload["mlflow_run_id"], knn_epochs
-    )
-
-
 def _plot_losses(path: Path, losses: list[float], knn: list[float], knn_epochs: list[int]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = range(1, len(losses) + 1)
@@ -484,18 +444,14 @@ def _reuse_registered(model_dir: Path, decision: retrain_guard.GuardDecision) ->
 def _guard(data_dir: Path, model_dir: Path, config: MocoConfig, main: bool) -> str | None:
     """The reason to skip training (model_dir then holds the kept backbone), or None to train."""
     configure_tracking()  # the registry lives where tracking points
-    decision = retrain_guard.decide(
+    return skip_reason(
         config.model_name,
         data=retrain_guard.data_fingerprint(data_dir),
         setup=_setup_fingerprint(config),
+        main=main,
+        kept="backbone",
+        keep=functools.partial(_reuse_registered, model_dir),
     )
-    if not decision.skip:
-        log.info("retraining: %s", decision.reason)
-        return None
-    log.info("SKIPPING TRAINING: %s; the registered backbone stays", decision.reason)
-    if main:
-        _reuse_registered(model_dir, decision)
-    return decision.reason
 
 
 def run_moco_train(
@@ -517,9 +473,8 @@ def run_moco_train(
     the backbone's weights alone (its mode is reset before training goes on).
 
     With ``skip_unchanged`` (the retraining guard, :mod:`sslpipe.models.training.retrain_guard`),
-    nothing is
-    trained when the data and settings equal those of the latest registered version of
-    ``config.model_name``: ``model_dir`` then receives that version's files and
+    nothing is trained when the data and settings equal those of the latest registered
+    version of ``config.model_name``: ``model_dir`` then receives that version's files and
     ``skipped.json``, and the result's ``skipped`` says why.
 
     Runs in one process, or in each of ``config.nodes x config.processes_per_node`` processes
@@ -532,22 +487,17 @@ def run_moco_train(
         tracking.MlflowMissingError: ``register`` or ``skip_unchanged`` without MLflow.
     """
     env = distributed.DistEnv.from_env() if env is None else env
-    expected = config.nodes * config.processes_per_node
-    if env.world_size != expected:
-        raise ValueError(
-            f"moco_train is configured for {config.nodes} node(s) x {config.processes_per_node} "
-            f"process(es) = {expected}, but it runs in {env.world_size} (WORLD_SIZE); launch it "
-            f"with torchrun --nproc_per_node {config.processes_per_node} (the local executor "
-            "does) or set nodes and processes_per_node to match"
-        )
+    check_process_count(
+        "moco_train", env, nodes=config.nodes, processes_per_node=config.processes_per_node
+    )
     if register:  # before training, not after it
         tracking.require_mlflow("moco_train with register=True (the model registry)")
     if skip_unchanged:
         reason = _guard(Path(data_dir), Path(model_dir), config, env.is_main)
         if reason is not None:
             return {"metrics": None, "registered": None, "skipped": reason}
-    with distributed.quiet_unless_main(log, env), distributed.session(env) as device:
-        result = _run(
+    with training_session(env, log) as device:
+        return _run(
             data_dir=data_dir,
             model_dir=model_dir,
             checkpoint_dir=checkpoint_dir,
@@ -558,8 +508,6 @@ def run_moco_train(
             device=device,
             on_epoch=on_epoch,
         )
-        distributed.barrier()  # nobody leaves before rank 0 has written and registered
-    return result
 
 
 def _run(
@@ -588,11 +536,15 @@ def _run(
         fused=device.type in ("cpu", "cuda"),
     )
     # Every process loads rank 0's checkpoint (map_location cpu, then onto its device).
-    state = (
-        _load_checkpoint(checkpoint_dir, model, optimizer, config) if resume else None
-    ) or TrainingState()
-    losses, knn = list(state.losses or []), list(state.knn or [])
-    knn_epochs = list(state.knn_epochs or [])
+    checkpoint = Checkpoint(checkpoint_dir)
+    identity = {"config": config.model_dump(mode="json")}
+    loaded = (
+        checkpoint.resume(model, identity, optimizer=optimizer, may_change=RESUMABLE_CHANGES)
+        if resume
+        else None
+    )
+    state = MocoState.from_payload(loaded) if loaded else MocoState()
+    losses, knn, knn_epochs = state.losses, state.knn, state.knn_epochs
     distributed.check_same_start(state.epoch, checkpoint_dir, device)
     model.distribute(device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -613,19 +565,18 @@ def _run(
     )
 
     selection = read_optional_json(data_dir / "selection.json")
-    with _tracking_run(state, main) as run:
-        if main and state.mlflow_run_id is None:
-            run.log_params(
-                {
-                    **config.model_dump(mode="json"),
-                    "effective_batch_size": batch,
-                    "effective_queue_size": queue,
-                    "world_size": env.world_size,
-                    "global_batch_size": batch * env.world_size,
-                    "num_images": len(manifest),
-                }
-            )
-        state.mlflow_run_id = run.run_id if run is not None else state.mlflow_run_id
+    params = {
+        **config.model_dump(mode="json"),
+        "effective_batch_size": batch,
+        "effective_queue_size": queue,
+        "world_size": env.world_size,
+        "global_batch_size": batch * env.world_size,
+        "num_images": len(manifest),
+    }
+    tracker = step_tracker(env)
+    with tracking_run(
+        tracker, step="moco_train", state=state, main=main, params=lambda: params
+    ) as run:
         if knn_images is not None and not knn:
             knn.append(knn_monitor(model, knn_images, knn_labels, config.knn_k, device))
             knn_epochs.append(0)
@@ -676,8 +627,7 @@ def _run(
                 knn.append(knn_monitor(model, knn_images, knn_labels, config.knn_k, device))
                 knn_epochs.append(epoch + 1)
                 metrics["knn_top1"] = knn[-1]
-            state.epoch, state.losses, state.knn = epoch + 1, losses, knn
-            state.knn_epochs = knn_epochs
+            state.epoch = epoch + 1
             if not main:
                 continue
             run.log_metrics(metrics, step=epoch + 1)
@@ -690,7 +640,13 @@ def _run(
                 metrics["images_per_s"],
                 f", kNN top-1 {knn[-1]:.3f}" if "knn_top1" in metrics else "",
             )
-            _save_checkpoint(checkpoint_dir, model, optimizer, state, config, env.world_size)
+            checkpoint.save(
+                model=model,
+                optimizer=optimizer,
+                state=state,
+                identity=identity,
+                world_size=env.world_size,
+            )
             if on_epoch is not None:
                 on_epoch(epoch + 1, model.backbone)
         del loader  # its workers end now rather than when the step's process does
@@ -734,20 +690,6 @@ def _run(
             write_json(model_dir / "registered_model.json", registered)
             log.info("registered %s (version %s)", registered["uri"], registered["version"])
     return {"metrics": metrics_out, "registered": registered}
-
-
-@contextlib.contextmanager
-def _tracking_run(state: TrainingState, main: bool) -> Iterator[Any]:
-    """The tracking run on rank 0 (continued after a resume); None in the other processes."""
-    if not main:
-        yield None
-        return
-    tracker = tracking.default_tracker()
-    tracker.configure()
-    with tracker.start_run(
-        run_id=state.mlflow_run_id, run_name="moco_train", tags={"sslpipe.step": "moco_train"}
-    ) as run:
-        yield run
 
 
 def _lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:

@@ -218,7 +218,7 @@ def test_every_torch_load_in_the_code_is_weights_only() -> None:
             found += 1
             if not safe:
                 unsafe.append(f"{path.relative_to(ROOT)}:{line}")
-    assert found >= 4  # the backbone, the classifier and both training checkpoints
+    assert found >= 3  # the backbone, the classifier and the training checkpoint (both steps)
     assert not unsafe, f"torch.load without weights_only=True: {unsafe}"
 
 
@@ -294,16 +294,11 @@ def _load_classifier(folder: Path) -> Any:
     return load_classifier_dir(folder)
 
 
-def _resume_moco(folder: Path) -> Any:
-    from sslpipe.steps import moco_train
+def _resume_training(folder: Path) -> Any:
+    # Both training steps resume through the scaffold's checkpoint.
+    from sslpipe.models.training.scaffold import Checkpoint
 
-    return moco_train._load_checkpoint(folder, None, None, None)  # type: ignore[arg-type]
-
-
-def _resume_classifier(folder: Path) -> Any:
-    from sslpipe.steps import classifier_train
-
-    return classifier_train._load_checkpoint(folder, None, None, None)  # type: ignore[arg-type]
+    return Checkpoint(folder).read({})
 
 
 @pytest.mark.parametrize(
@@ -311,10 +306,9 @@ def _resume_classifier(folder: Path) -> Any:
     [
         ("backbone.pt", _backbone_folder, _load_backbone),
         ("classifier.pt", _classifier_folder, _load_classifier),
-        ("last.pt", None, _resume_moco),
-        ("last.pt", None, _resume_classifier),
+        ("last.pt", None, _resume_training),
     ],
-    ids=["backbone", "classifier", "moco-checkpoint", "classifier-checkpoint"],
+    ids=["backbone", "classifier", "training-checkpoint"],
 )
 def test_a_model_file_with_a_pickled_object_is_refused_without_running_it(
     tmp_path: Path,

@@ -190,8 +190,7 @@ class LocalRun:
 
 class LocalTracker:
     """Runs as JSON lines in ``root/<run_id>/`` (read them with
-    :func:`sslpipe.core.io.read_journal`);
-    a continued run appends to its file."""
+    :func:`sslpipe.core.io.read_journal`); a continued run appends to its file."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
