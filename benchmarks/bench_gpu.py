@@ -19,7 +19,7 @@ size and DataLoader workers:
   memory, ``non_blocking`` copies, mixed precision (the same as the project's) and
   ``torch.set_float32_matmul_precision("high")``.
 * **ceiling** (:func:`compute_ceiling`): the project's own model
-  (``sslpipe.steps.moco_train.build_model``, channels-last) on random tensors already on the
+  (``sslpipe.models.moco.recipe.build_model``, channels-last) on random tensors already on the
   device: query forward and backward, key forward (with the momentum update and the queue),
   fused SGD step; eager and ``torch.compile``d (default mode), under the project's precision.
   What is compiled are the four encoders (query and key backbone and projection head), where
@@ -219,7 +219,7 @@ def compute_ceiling(
         import torch
 
         from sslpipe.core.config import MocoConfig
-        from sslpipe.steps.moco_train import build_model
+        from sslpipe.models.moco.recipe import build_model
     except Exception as err:
         return _failure("importing the training core (sslpipe.steps.moco_train)", err)
     try:

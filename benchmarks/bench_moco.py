@@ -314,7 +314,7 @@ def lightly_moco_train(
     from lightly.models.utils import update_momentum
 
     from sslpipe.core.config import MocoConfig
-    from sslpipe.steps.moco_train import lr_at
+    from sslpipe.models.moco.recipe import lr_at
 
     r = _recipe(recipe)
     hidden, out = int(r["projection_hidden_dim"]), int(r["projection_dim"])

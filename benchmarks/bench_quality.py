@@ -318,7 +318,7 @@ def equal_sizes(images: int, batch: int, queue: int) -> tuple[int, int]:
     queue_size, then what ``run_moco_train`` makes of them for ``images`` (it shrinks a queue
     that the data cannot fill without an image's own earlier key among its negatives)."""
     from sslpipe.core.config import MocoConfig
-    from sslpipe.steps.moco_train import effective_sizes
+    from sslpipe.models.moco.recipe import effective_sizes
 
     capped = min(queue, MocoConfig().queue_size)
     return effective_sizes(MocoConfig(batch_size=batch, queue_size=capped), images)

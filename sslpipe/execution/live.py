@@ -270,7 +270,7 @@ def moco_effective_sizes(
         why = "configured; shrunk if the prepared images are too few, known after data_prep"
         return {"queue_size": Effective(configured, why)}
     from sslpipe.core.config import MocoConfig
-    from sslpipe.steps.moco_train import effective_sizes
+    from sslpipe.models.moco.recipe import effective_sizes
 
     config = MocoConfig(**{k: parameters[k] for k in MocoConfig.model_fields if k in parameters})
     images = _count_rows(manifest)

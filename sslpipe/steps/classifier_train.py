@@ -307,7 +307,7 @@ def run_classifier_train(
         processes_per_node=config.processes_per_node,
         settings="classifier.",
     )
-    with training_session(env, log) as device:
+    with training_session(env) as device:
         return _run(
             data_dir=Path(data_dir),
             model_dir=Path(model_dir),

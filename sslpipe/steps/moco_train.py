@@ -23,11 +23,10 @@ resumes from rank 0's checkpoint.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,31 +36,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
-from sslpipe.core import progress
 from sslpipe.core.config import MocoConfig
 from sslpipe.core.io import atomic_path, read_csv, read_optional_json, write_json
 from sslpipe.core.logs import get_logger
-from sslpipe.data.packed_images import open_packed
 from sslpipe.models.backbone_io import save_backbone
-from sslpipe.models.moco import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    BackboneSpec,
-    MoCo,
-    TwoCropsTransform,
-    build_backbone,
-    eval_transform,
-    leave_one_out_knn_top1,
-)
-from sslpipe.models.moco.batch_augment import BatchMoCoV2Augment, crop_transform
-from sslpipe.models.moco.epochs import EpochOrder, SeededItems
-from sslpipe.models.moco.loading import LoaderPlan, loader_plan, views_plan
-from sslpipe.models.moco.packed_loader import PackedCropLoader
-from sslpipe.models.moco.split_bn import auto_splits
+from sslpipe.models.moco import BackboneSpec, TwoCropsTransform
+from sslpipe.models.moco.batch_augment import crop_transform
+from sslpipe.models.moco.epochs import EpochOrder
+from sslpipe.models.moco.loading import ManifestImages, views_loader
+from sslpipe.models.moco.recipe import batch_augment, build_model, effective_sizes, lr_at, uses_bf16
+from sslpipe.models.moco.train import knn_monitor, monitor_images, train_epoch
 from sslpipe.models.registry import configure_tracking, download_model, register_backbone
 from sslpipe.models.training import distributed, retrain_guard, tracking
 from sslpipe.models.training.scaffold import (
@@ -87,36 +72,6 @@ RESUMABLE_CHANGES = frozenset({"num_workers", "views", "knn_every"})
 watched, not what is trained. (``views`` changes the random stream, never the distribution.)"""
 
 
-class ManifestImages(Dataset[Any]):
-    """Images listed in a data_prep manifest, opened lazily and passed through ``transform``."""
-
-    def __init__(self, root: Path, paths: list[str], transform: Any) -> None:
-        self.root = root
-        self.paths = paths
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> Any:
-        with Image.open(self.root / self.paths[index]) as image:
-            return self.transform(image.convert("RGB"))
-
-
-class ViewsWithId(Dataset[Any]):
-    """``dataset``'s item followed by its index, the image id the queue keeps with each key
-    (:meth:`sslpipe.models.moco.KeyQueue.negatives_mask`)."""
-
-    def __init__(self, dataset: Dataset[Any]) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Any, ...]:
-        return (*self.dataset[index], index)
-
-
 @dataclass
 class MocoState(TrainingState):
     losses: list[float] = field(default_factory=list)  # per epoch
@@ -127,262 +82,6 @@ class MocoState(TrainingState):
         # Checkpoints written before knn_every existed measured after every epoch.
         self.losses, self.knn = list(self.losses or []), list(self.knn or [])
         self.knn_epochs = list(self.knn_epochs or range(len(self.knn)))
-
-
-def effective_sizes(config: MocoConfig, num_images: int, world_size: int = 1) -> tuple[int, int]:
-    """Per-process batch size and queue size that fit ``num_images``, warning when changed.
-
-    The queue must not hold more keys than there are other images, or an image's own earlier
-    key (a positive) lands among its negatives. With several processes each one sees
-    ``num_images // world_size`` images per epoch, and the queue, which receives the global
-    batch (``batch x world_size`` keys) at every step, must be a multiple of it.
-    """
-    per_process = num_images // world_size
-    if per_process < 2:
-        raise ValueError(
-            f"MoCo needs at least 2 images per process, the data has {num_images} for "
-            f"{world_size} process(es)"
-        )
-    batch = min(config.batch_size, per_process)
-    if batch < config.batch_size:
-        log.warning(
-            "batch_size %d > %d images per process: using %d", config.batch_size, per_process, batch
-        )
-    global_batch = batch * world_size
-    limit = max(global_batch, (num_images - global_batch) // global_batch * global_batch)
-    queue = config.queue_size
-    if world_size > 1 and queue % global_batch:
-        if batch == config.batch_size:
-            raise ValueError(
-                f"queue_size {queue} is not a multiple of the global batch {global_batch} "
-                f"(batch_size {batch} x {world_size} processes); every step enqueues one global "
-                f"batch, so set queue_size to a multiple of {global_batch}"
-            )
-        queue = max(global_batch, queue // global_batch * global_batch)
-    if queue > limit:
-        log.warning(
-            "queue_size %d exceeds what %d images support without positives among the negatives;"
-            " shrinking it to %d",
-            queue,
-            num_images,
-            limit,
-        )
-        queue = limit
-    return batch, queue
-
-
-def bn_splits(config: MocoConfig, batch: int) -> int:
-    """Split-BN groups of one process's batch (``config.bn_splits``, 0: about 32 images each)."""
-    if config.bn != "shuffle":
-        return 1
-    if config.bn_splits:
-        if batch % config.bn_splits:
-            raise ValueError(
-                f"moco.bn_splits {config.bn_splits} does not divide the batch of {batch} "
-                "images; choose a divisor of moco.batch_size, or 0 for one group per 32 images"
-            )
-        return config.bn_splits
-    return auto_splits(batch)
-
-
-def build_model(
-    config: MocoConfig, queue_size: int, device: torch.device | None = None, batch: int = 0
-) -> MoCo:
-    """The MoCo model of ``config`` with a queue of ``queue_size`` keys; ``batch`` (default
-    ``config.batch_size``) sizes the split-BN groups of one process."""
-    backbone, feature_dim = build_backbone(BackboneSpec(config.backbone, config.small_stem))
-    model = MoCo(
-        backbone,
-        feature_dim,
-        projection_hidden_dim=config.projection_hidden_dim,
-        projection_dim=config.projection_dim,
-        queue_size=queue_size,
-        key_momentum=config.key_momentum,
-        temperature=config.temperature,
-        bn=config.bn,  # type: ignore[arg-type]  # validated by MocoConfig
-        bn_splits=bn_splits(config, batch or config.batch_size),
-    )
-    model = model.to(memory_format=torch.channels_last)
-    return model if device is None else model.to(device)
-
-
-def batch_augment(config: MocoConfig) -> BatchMoCoV2Augment:
-    """The batched part of the configured MoCo v2 recipe (the crop runs in the loader)."""
-    return BatchMoCoV2Augment(
-        config.image_size,
-        jitter_strength=config.jitter_strength,
-        jitter_p=config.jitter_p,
-        grayscale_p=config.grayscale_p,
-        blur_p=config.blur_p,
-        horizontal_flip_p=config.horizontal_flip_p,
-        vertical_flip_p=0.5 if config.vertical_flip else 0.0,
-        rotation_degrees=config.rotation_degrees,
-    )
-
-
-def _loader(
-    dataset: Dataset[Any], order: EpochOrder, batch: int, plan: LoaderPlan
-) -> DataLoader[Any]:
-    """The streaming loader of every epoch (``order.set_epoch`` before each): its workers live
-    through the run instead of being forked anew every epoch (:mod:`sslpipe.models.moco.epochs`)."""
-    return DataLoader(
-        SeededItems(ViewsWithId(dataset), order.seed),
-        batch_size=batch,
-        sampler=order,
-        drop_last=True,
-        num_workers=plan.workers,
-        persistent_workers=plan.workers > 0,
-        pin_memory=plan.pin_memory,
-        prefetch_factor=plan.prefetch_factor,
-    )
-
-
-def _views_loader(
-    config: MocoConfig,
-    data_dir: Path,
-    paths: list[str],
-    dataset: Dataset[Any],
-    order: EpochOrder,
-    batch: int,
-    device: torch.device,
-) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The loader of the views' crops, packed or streaming (:mod:`sslpipe.models.moco.loading`),
-    logging what was chosen and why."""
-    packed = open_packed(data_dir, paths) if config.views != "stream" else "moco.views=stream"
-    plan = views_plan(config.views, packed, device)
-    if plan.source == "packed" and not isinstance(packed, str):
-        log.info("views: cut in batches from the packed images (%s)", plan.reason)
-        return PackedCropLoader(
-            packed,
-            order,
-            batch,
-            image_size=config.image_size,
-            min_scale=config.crop_min_scale,
-            device=device,
-            on_device=plan.on_device,
-        )
-    workers = loader_plan(config.num_workers, device, config.processes_per_node)
-    log.info(
-        "views: decoded from the JPEGs by %d DataLoader worker(s) (%s; %s)",
-        workers.workers,
-        plan.reason,
-        workers.reason,
-    )
-    return _loader(dataset, order, batch, workers)
-
-
-def uses_bf16(config: MocoConfig, device: torch.device) -> bool:
-    """Whether the training step runs under bf16 autocast (``moco.precision``)."""
-    if config.precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return config.precision == "bf16"
-
-
-def lr_at(config: MocoConfig, epoch: float, done: float = 0.0) -> float:
-    """Learning rate at ``epoch + done`` (``done``: the share of the epoch's steps): cosine
-    decay (MoCo v2) scaled by a linear warm-up over ``config.warmup_epochs``. A pure function
-    of the position, so a resumed run needs no scheduler state.
-
-    The warm-up keeps the first steps, while the backbone's features still share one large
-    common component, from dragging every embedding along one direction faster than the key
-    encoder follows (on MNIST at 32 px, 8 epochs: kNN 0.815 with 2 warm-up epochs, 0.772
-    without, 0.804 at random initialisation).
-    """
-    position = epoch + done
-    cosine = config.lr * 0.5 * (1.0 + math.cos(math.pi * position / config.epochs))
-    if config.warmup_epochs <= 0:
-        return cosine
-    return cosine * min(1.0, position / config.warmup_epochs)
-
-
-def _to_device_channels_last(device: torch.device, x: torch.Tensor) -> torch.Tensor:
-    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-
-
-def _train_epoch(
-    model: MoCo,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    device: torch.device | None = None,
-    augment: BatchMoCoV2Augment | None = None,
-    lr_at: Callable[[float], float] | None = None,
-    bf16: bool = False,
-    desc: str = "training",
-) -> tuple[float, int]:
-    """One pass over this process's images: (mean loss over all processes, steps).
-
-    With ``augment``, the loader yields ``uint8`` crops and the rest of the MoCo v2 recipe
-    runs here, batched, on ``device`` (see :mod:`sslpipe.models.moco.batch_augment`). With
-    ``lr_at``,
-    step ``i`` of ``n`` trains at ``lr_at((i + 1) / n)``. With ``bf16``, the forward pass runs
-    under bf16 autocast. The losses add up on the device: nothing in a step waits for it
-    (the progress shown as ``desc`` counts steps, and reads no tensor).
-    """
-    device = device or torch.device("cpu")
-    model.train()
-    total, steps = torch.zeros((), dtype=torch.float64, device=device), 0
-    count = len(loader)  # type: ignore[arg-type]
-    for x_query, x_key, ids in progress.bar(loader, desc=desc, total=count, unit="batch"):
-        if lr_at is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at((steps + 1) / count)
-        if augment is not None:
-            x_query = augment(x_query.to(device, non_blocking=True))
-            x_key = augment(x_key.to(device, non_blocking=True))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(
-                _to_device_channels_last(device, x_query),
-                _to_device_channels_last(device, x_key),
-                ids.to(device, non_blocking=True),
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
-        steps += 1
-    mean = (total / max(1, steps)).reshape(1)
-    return float(distributed.all_gather(mean).mean()), steps
-
-
-@torch.no_grad()
-def monitor_images(data_dir: Path, paths: list[str], image_size: int) -> torch.Tensor:
-    """The kNN monitor's images, decoded once: (N, 3, S, S) ``uint8``, as ``eval_transform``
-    sees them before it normalises (shorter side resized, centre crop)."""
-    steps = eval_transform(image_size).transforms[:3]  # RGB, resize, centre crop
-    dataset = ManifestImages(data_dir, paths, T.Compose([*steps, T.PILToTensor()]))
-    batches = DataLoader(dataset, batch_size=256, num_workers=0)
-    decoded = []
-    with progress.bar(desc="kNN monitor: decoding", total=len(dataset), unit="img") as shown:
-        for batch in batches:
-            decoded.append(batch)
-            shown.update(len(batch))
-    return torch.cat(decoded)
-
-
-@torch.no_grad()
-def knn_monitor(
-    model: MoCo,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    k: int,
-    device: torch.device | None = None,
-) -> float:
-    """Leave-one-out kNN top-1 of the labelled ``images`` (from :func:`monitor_images`) on
-    frozen backbone features, computed on ``device``."""
-    device = device or torch.device("cpu")
-    model.eval()
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    embedded = []
-    with progress.bar(desc="kNN monitor", total=len(images), unit="img") as shown:
-        for batch in images.split(256):
-            embedded.append(
-                model.embed(
-                    _to_device_channels_last(device, batch).float().div_(255).sub_(mean).div_(std)
-                )
-            )
-            shown.update(len(batch))
-    return leave_one_out_knn_top1(torch.cat(embedded), labels.to(device), k=k)
 
 
 def _monitored_after(config: MocoConfig, epoch: int) -> bool:
@@ -496,7 +195,7 @@ def run_moco_train(
         reason = _guard(Path(data_dir), Path(model_dir), config, env.is_main)
         if reason is not None:
             return {"metrics": None, "registered": None, "skipped": reason}
-    with training_session(env, log) as device:
+    with training_session(env) as device:
         return _run(
             data_dir=data_dir,
             model_dir=model_dir,
@@ -595,7 +294,7 @@ def _run(
                 config.bn,
             )
         order = EpochOrder(train_set, seed=config.seed, rank=env.rank, world_size=env.world_size)
-        loader = _views_loader(
+        loader = views_loader(
             config, data_dir, list(manifest["path"]), train_set, order, batch, device
         )
         bf16 = uses_bf16(config, device)
@@ -607,7 +306,7 @@ def _run(
             torch.manual_seed(distributed.epoch_seed(config.seed, epoch, env.rank))
             order.set_epoch(epoch)
             started = time.perf_counter()
-            loss, steps = _train_epoch(
+            loss, steps = train_epoch(
                 model,
                 loader,
                 optimizer,

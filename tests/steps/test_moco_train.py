@@ -18,7 +18,8 @@ from PIL import Image
 
 from sslpipe.core.config import MocoConfig
 from sslpipe.data.packed_images import write_packed
-from sslpipe.steps.moco_train import CHECKPOINT_FILE, effective_sizes, run_moco_train
+from sslpipe.models.moco.recipe import effective_sizes
+from sslpipe.steps.moco_train import CHECKPOINT_FILE, run_moco_train
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {
@@ -205,7 +206,7 @@ def test_the_retraining_guard_keeps_the_registered_backbone_until_the_data_chang
 def test_the_learning_rate_warms_up_linearly_then_follows_the_cosine() -> None:
     from math import cos, pi
 
-    from sslpipe.steps.moco_train import lr_at
+    from sslpipe.models.moco.recipe import lr_at
 
     def cosine(position: float) -> float:
         return 0.1 * 0.5 * (1 + cos(pi * position / 10))

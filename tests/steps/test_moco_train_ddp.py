@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from sslpipe.core.config import MocoConfig
+from sslpipe.models.moco.recipe import effective_sizes
 from sslpipe.models.training.distributed import DistEnv
-from sslpipe.steps.moco_train import CHECKPOINT_FILE, effective_sizes, run_moco_train
+from sslpipe.steps.moco_train import CHECKPOINT_FILE, run_moco_train
 from tests.steps.test_moco_train import SMALL, make_data, pack
 
 REPO = Path(__file__).resolve().parents[2]

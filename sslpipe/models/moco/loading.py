@@ -16,13 +16,24 @@ decoding rate); on a CPU the training threads need the cores, so one worker per 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 from sslpipe.core.config import MOCO_VIEWS as VIEWS_MODES
+from sslpipe.core.config import MocoConfig
+from sslpipe.core.logs import get_logger
 from sslpipe.core.machine import available_memory, usable_cores
-from sslpipe.data.packed_images import PackedImages
+from sslpipe.data.packed_images import PackedImages, open_packed
+from sslpipe.models.moco.epochs import EpochOrder, SeededItems
+from sslpipe.models.moco.packed_loader import PackedCropLoader
+
+log = get_logger("moco")
 
 GPU_SHARE = 0.25
 """Most of the free GPU memory the packed array may take there."""
@@ -102,3 +113,84 @@ def _refuse_or_stream(mode: str, reason: str) -> ViewsPlan:
 
 
 __all__ = ["VIEWS_MODES", "LoaderPlan", "ViewsPlan", "loader_plan", "views_plan"]
+
+
+class ManifestImages(Dataset[Any]):
+    """Images listed in a data_prep manifest, opened lazily and passed through ``transform``."""
+
+    def __init__(self, root: Path, paths: list[str], transform: Any) -> None:
+        self.root = root
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Any:
+        with Image.open(self.root / self.paths[index]) as image:
+            return self.transform(image.convert("RGB"))
+
+
+class ViewsWithId(Dataset[Any]):
+    """``dataset``'s item followed by its index, the image id the queue keeps with each key
+    (:meth:`sslpipe.models.moco.KeyQueue.negatives_mask`)."""
+
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        return (*self.dataset[index], index)
+
+
+def streaming_loader(
+    dataset: Dataset[Any], order: EpochOrder, batch: int, plan: LoaderPlan
+) -> DataLoader[Any]:
+    """The streaming loader of every epoch (``order.set_epoch`` before each): its workers live
+    through the run instead of being forked anew every epoch (:mod:`sslpipe.models.moco.epochs`)."""
+    return DataLoader(
+        SeededItems(ViewsWithId(dataset), order.seed),
+        batch_size=batch,
+        sampler=order,
+        drop_last=True,
+        num_workers=plan.workers,
+        persistent_workers=plan.workers > 0,
+        pin_memory=plan.pin_memory,
+        prefetch_factor=plan.prefetch_factor,
+    )
+
+
+def views_loader(
+    config: MocoConfig,
+    data_dir: Path,
+    paths: list[str],
+    dataset: Dataset[Any],
+    order: EpochOrder,
+    batch: int,
+    device: torch.device,
+) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The loader of the views' crops, packed or streaming (:mod:`sslpipe.models.moco.loading`),
+    logging what was chosen and why."""
+    packed = open_packed(data_dir, paths) if config.views != "stream" else "moco.views=stream"
+    plan = views_plan(config.views, packed, device)
+    if plan.source == "packed" and not isinstance(packed, str):
+        log.info("views: cut in batches from the packed images (%s)", plan.reason)
+        return PackedCropLoader(
+            packed,
+            order,
+            batch,
+            image_size=config.image_size,
+            min_scale=config.crop_min_scale,
+            device=device,
+            on_device=plan.on_device,
+        )
+    workers = loader_plan(config.num_workers, device, config.processes_per_node)
+    log.info(
+        "views: decoded from the JPEGs by %d DataLoader worker(s) (%s; %s)",
+        workers.workers,
+        plan.reason,
+        workers.reason,
+    )
+    return streaming_loader(dataset, order, batch, workers)

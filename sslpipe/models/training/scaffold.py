@@ -6,7 +6,7 @@ skips them, so a change to how training resumes, is tracked or is skipped is mad
 Read it with one step beside it (``sslpipe.steps.moco_train._run``)::
 
     check_process_count("moco_train", env, nodes=..., processes_per_node=...)
-    with training_session(env, log) as device:
+    with training_session(env) as device:
         checkpoint = Checkpoint(checkpoint_dir)
         payload = checkpoint.resume(model, identity, optimizer=optimizer)
         state = MocoState.from_payload(payload) if payload else MocoState()
@@ -67,17 +67,15 @@ def check_process_count(
 
 
 @contextmanager
-def training_session(env: distributed.DistEnv, step_log: logging.Logger) -> Iterator[torch.device]:
+def training_session(env: distributed.DistEnv) -> Iterator[torch.device]:
     """This process's device, inside the process group when there are several processes.
 
-    Only rank 0 logs progress (the step's logger and the scaffold's). When the step returns,
-    every process waits for the others, so none leaves before rank 0 has written its outputs.
+    Only rank 0 logs progress: the library's log lines of the other ranks are their warnings
+    and errors. When the step returns, every process waits for the others, so none leaves
+    before rank 0 has written its outputs.
     """
-    with (
-        distributed.quiet_unless_main(step_log, env),
-        distributed.quiet_unless_main(log, env),
-        distributed.session(env) as device,
-    ):
+    library = logging.getLogger("sslpipe")
+    with distributed.quiet_unless_main(library, env), distributed.session(env) as device:
         yield device
         distributed.barrier()
 

@@ -6,7 +6,6 @@ tests) resume, skip and track through it end to end; these pin down the scaffold
 
 from __future__ import annotations
 
-import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +138,7 @@ def test_the_process_count_must_match_the_configuration() -> None:
 
 
 def test_a_session_in_one_process_gives_the_cpu_or_the_gpu() -> None:
-    with training_session(DistEnv(), logging.getLogger("sslpipe.test")) as device:
+    with training_session(DistEnv()) as device:
         assert device.type in ("cpu", "cuda")
 
 
