@@ -33,7 +33,6 @@ every process resumes from rank 0's checkpoint.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -41,9 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from sslpipe.core.config import ClassifierConfig
 from sslpipe.core.io import read_optional_json, write_json
@@ -51,6 +47,13 @@ from sslpipe.core.logs import get_logger
 from sslpipe.models.classifier.augment import eval_transform, train_transform
 from sslpipe.models.classifier.backbones import resolve_backbone
 from sslpipe.models.classifier.model import ClassifierHead, ImageClassifier, save_classifier
+from sslpipe.models.classifier.parallel import (
+    batches,
+    mean_over_processes,
+    replicate,
+    sharded_batches,
+    validate_sharded,
+)
 from sslpipe.models.classifier.train import (
     EarlyStopping,
     LabelledImageDataset,
@@ -58,9 +61,7 @@ from sslpipe.models.classifier.train import (
     expand_repeats,
     make_criterion,
     plot_curves,
-    predict,
     read_labelled_data,
-    scores,
     set_backbone_trainable,
     train_epoch,
     trainable_parameters,
@@ -119,113 +120,6 @@ def build_classifier(
         feature_dim, num_classes, hidden_dim=config.hidden_dim, dropout=config.dropout
     )
     return ImageClassifier(backbone, head)
-
-
-def _loader(
-    dataset: Dataset[Any], batch: int, workers: int, *, seed: int | None
-) -> DataLoader[Any]:
-    """Shuffled (seeded) training batches when ``seed`` is given, ordered batches otherwise."""
-    if seed is None:
-        return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers)
-    return DataLoader(
-        dataset,
-        batch_size=batch,
-        shuffle=True,
-        drop_last=True,  # no batch of one: BatchNorm in fine-tuning cannot train on it
-        num_workers=workers,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,
-    )
-
-
-def _sharded_loader(
-    dataset: Dataset[Any],
-    batch: int,
-    workers: int,
-    *,
-    seed: int,
-    epoch: int,
-    env: distributed.DistEnv,
-) -> DataLoader[Any]:
-    """This process's shard of the epoch's shared shuffle (the same permutation everywhere)."""
-    # drop_last in the sampler: every process runs the same number of steps; in the loader:
-    # no batch of one, as in one process.
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        dataset, num_replicas=env.world_size, rank=env.rank, seed=seed, drop_last=True
-    )
-    sampler.set_epoch(epoch)
-    return DataLoader(
-        dataset,
-        batch_size=batch,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=workers,
-        persistent_workers=False,
-    )
-
-
-def _replicate(
-    model: ImageClassifier, *, backbone_frozen: bool, device: torch.device
-) -> nn.Module | None:
-    """The DistributedDataParallel wrapper of the part that trains (None in one process).
-
-    With a frozen backbone only the head is wrapped: the backbone runs under no_grad outside
-    it, so DDP sees only parameters that receive gradients. Wrapping broadcasts rank 0's
-    weights of the wrapped part.
-    """
-    if distributed.world_size() == 1:
-        return None
-    module = model.head if backbone_frozen else model
-    return DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None
-    )
-
-
-def _mean_over_processes(values: list[float], device: torch.device) -> list[float]:
-    """The mean of each value over the processes (the values themselves in one process)."""
-    if distributed.world_size() == 1:
-        return values
-    local = torch.tensor([values], dtype=torch.float64, device=device)
-    mean: list[float] = distributed.all_gather(local).mean(dim=0).cpu().tolist()
-    return mean
-
-
-SCORES = ("loss", "accuracy", "macro_f1")
-
-
-def _validate_sharded(
-    model: ImageClassifier,
-    dataset: LabelledImageDataset,
-    criterion: nn.Module,
-    *,
-    batch: int,
-    workers: int,
-    num_classes: int,
-    device: torch.device,
-) -> dict[str, float]:
-    """Validation over the processes: process r predicts images r, r + W, r + 2W, ...
-
-    The logits are gathered back into dataset order and scored on every process; rank 0's
-    scores are then broadcast, so that every process decides alike even if the scores of two
-    processes differed in the last bit.
-    """
-    world, rank = distributed.world_size(), distributed.rank()
-    count = len(dataset)
-    per_process = math.ceil(count / world)
-    shard = Subset(dataset, range(rank, count, world))
-    padded = torch.zeros(per_process, num_classes)
-    if len(shard):
-        shard_loader = _loader(shard, batch, workers, seed=None)
-        logits, _ = predict(model, shard_loader, device, desc="validation")
-        padded[: len(logits)] = logits
-    gathered = distributed.all_gather(padded.to(device)).cpu()
-    # gathered[r * per_process + i] holds image r + i * world.
-    ordered = gathered.view(world, per_process, num_classes).transpose(0, 1)
-    logits = ordered.reshape(world * per_process, num_classes)[:count]
-    result = scores(logits, torch.tensor(dataset.targets, dtype=torch.long), criterion)
-    values = torch.tensor([result[k] for k in SCORES], dtype=torch.float64, device=device)
-    distributed.broadcast_([values])
-    return dict(zip(SCORES, values.cpu().tolist(), strict=True))
 
 
 def _setup_fingerprint(config: ClassifierConfig, backbone: dict[str, Any]) -> str:
@@ -368,7 +262,7 @@ def _run(
     val_set = LabelledImageDataset(data_dir, data.split("val"), eval_transform(config.image_size))
     val_batch = max(64, config.batch_size)
     val_loader = (
-        None if env.is_distributed else _loader(val_set, val_batch, config.num_workers, seed=None)
+        None if env.is_distributed else batches(val_set, val_batch, config.num_workers, seed=None)
     )
     criterion = make_criterion(data.class_weights)  # scores validation logits on the CPU
     train_criterion = make_criterion(data.class_weights).to(device)
@@ -435,7 +329,7 @@ def _run(
                 model.load_state_dict(stopper.best_state)
                 log.info("stage %s starts from epoch %d's model", stage.name, stopper.best_epoch)
             set_backbone_trainable(model, not stage.backbone_frozen)
-            replica = _replicate(model, backbone_frozen=stage.backbone_frozen, device=device)
+            replica = replicate(model, backbone_frozen=stage.backbone_frozen, device=device)
             optimizer = torch.optim.Adam(
                 trainable_parameters(model), lr=stage.lr, weight_decay=config.weight_decay
             )
@@ -447,7 +341,7 @@ def _run(
                 # resumed run continues exactly like an uninterrupted one.
                 torch.manual_seed(distributed.epoch_seed(config.seed, state.epoch, env.rank))
                 loader = (
-                    _sharded_loader(
+                    sharded_batches(
                         train_set,
                         batch,
                         config.num_workers,
@@ -456,7 +350,7 @@ def _run(
                         env=env,
                     )
                     if env.is_distributed
-                    else _loader(
+                    else batches(
                         train_set, batch, config.num_workers, seed=config.seed + state.epoch
                     )
                 )
@@ -473,7 +367,7 @@ def _run(
                     device=device,
                     desc=shown,
                 )
-                train_loss, train_accuracy = _mean_over_processes(
+                train_loss, train_accuracy = mean_over_processes(
                     [train_loss, train_accuracy], device
                 )
                 if env.is_distributed:
@@ -481,7 +375,7 @@ def _run(
                     distributed.broadcast_(list(model.buffers()))
                     replicas = [*model.parameters(), *model.buffers()]
                     distributed.check_replicas_agree(replicas, device)
-                    val = _validate_sharded(
+                    val = validate_sharded(
                         model,
                         val_set,
                         criterion,

@@ -418,7 +418,7 @@ def test_repeats_and_class_weights_reach_the_training(
         class_weights={"blue": 0.75, "red": 1.5},
     )
     seen: dict[str, Any] = {}
-    real_loader = step._loader
+    real_loader = step.batches
 
     def spy_loader(dataset: Any, batch: int, workers: int, *, seed: int | None) -> Any:
         if seed is not None:
@@ -431,7 +431,7 @@ def test_repeats_and_class_weights_reach_the_training(
         seen["weights"] = weights
         return real_criterion(weights)
 
-    monkeypatch.setattr(step, "_loader", spy_loader)
+    monkeypatch.setattr(step, "batches", spy_loader)
     monkeypatch.setattr(step, "make_criterion", spy_criterion)
     result = train(tmp_path, data, epochs=1)
     assert sorted(seen["train_labels"]) == [0, 0, 0] + [1] * 9  # red drawn 3 times per image
