@@ -16,6 +16,7 @@ from typing import Any
 from azure.ai.ml.entities import PipelineJob
 
 from sslpipe.core.config import ConfigError, PipelineConfig
+from sslpipe.execution.azureml_adapter import bound_value
 
 GPU_STEPS = frozenset(
     {"moco_train", "classifier_train", "baseline_classifier_train", "scratch_classifier_train"}
@@ -76,7 +77,7 @@ def prepare_job(job: PipelineJob, config: PipelineConfig) -> PipelineJob:
 
 def _literal(value: Any) -> Any:
     """The literal bound to a pipeline or node input (None when unbound or bound to an output)."""
-    data = getattr(value, "_data", value)
+    data = bound_value(value)
     return data if isinstance(data, str | int | float | bool) else None
 
 
@@ -112,7 +113,7 @@ def _node_problems(job: PipelineJob, reported: Mapping[str, Any]) -> list[str]:
             if f"jobs.{name}.inputs.{input_name}" in reported:
                 continue
             bound = node.inputs.get(input_name)
-            if bound is None or getattr(bound, "_data", None) is None:
+            if bound is None or bound_value(bound) is None:
                 problems.append(f"step {name}: required input {input_name!r} is not bound")
     return problems
 

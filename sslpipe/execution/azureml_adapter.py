@@ -105,6 +105,12 @@ def node_io_data(node_io: Any) -> Any:
     return node_io._data
 
 
+def bound_value(value: Any) -> Any:
+    """What a node or pipeline input is bound to (:func:`node_io_data`), or ``value`` itself
+    when it is a plain value rather than an SDK input."""
+    return node_io_data(value) if hasattr(value, "_data") else value
+
+
 def component_source_path(component: Any) -> str | None:
     """The YAML file a component was loaded from (``Component._source_path``), or None.
 

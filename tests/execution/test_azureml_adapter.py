@@ -123,3 +123,11 @@ def test_private_node_settings_is_a_plain_dict_of_the_node(bench: Bench) -> None
         "type": "pytorch",
         "process_count_per_instance": 2,
     }, f"{SDK}: node distribution serialises differently: {settings.get('distribution')}"
+
+
+def test_bound_value_reads_a_node_input_and_passes_a_plain_value_through(bench: Bench) -> None:
+    nodes = _tiny_nodes(bench)
+    node_input = nodes["write"].inputs["message"]
+    assert azureml_adapter.bound_value(node_input) is azureml_adapter.node_io_data(node_input)
+    assert azureml_adapter.bound_value("plain") == "plain"
+    assert azureml_adapter.bound_value(None) is None
