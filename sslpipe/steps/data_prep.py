@@ -2,14 +2,14 @@
 
 The number of downloads in flight is ``concurrency``, a property of the network (a blob store
 10-30 ms away needs many requests in flight to keep a core busy), not of the machine: it is
-shared out over one fetching process per usable core (:func:`_fetch`), whose shares add up to
-``concurrency`` exactly, and each process takes the next row of the id list from a counter
-they share, so that none idles while another has rows left. In each process the downloads run
-in an event loop and every downloaded image is decoded and resized in a thread beside it, so
-that decoding never holds up the downloads (PIL lets go of the GIL while it decodes) and no
-process's decoding waits for another's downloads. The processes report each outcome to the
-step's process, which journals it; images stream through and are never all held in memory
-(at most ``concurrency`` downloads and a few decodes per process).
+shared out over one fetching process per usable core (:func:`~sslpipe.data.fetch.fetch`), whose
+shares add up to ``concurrency`` exactly, and each process takes the next row of the id list
+from a counter they share, so that none idles while another has rows left. In each process the
+downloads run in an event loop and every downloaded image is decoded and resized in a thread
+beside it, so that decoding never holds up the downloads (PIL lets go of the GIL while it
+decodes) and no process's decoding waits for another's downloads. The processes report each
+outcome to the step's process, which journals it; images stream through and are never all held
+in memory (at most ``concurrency`` downloads and a few decodes per process).
 
 Re-running into the same output folder is incremental: an image of the previous run is reused,
 without downloading its blob, when the previous manifest lists the same id with the same
@@ -44,62 +44,61 @@ Outputs (one folder):
 
 On several nodes (``nodes`` > 1, an Azure ML job with ``distribution: pytorch`` and
 ``instance_count: nodes``) every node finds its RANK and WORLD_SIZE in the environment and
-fetches only its shard: the ids whose stable hash (:func:`shard_of`) is its rank. By hash
-rather than by position, so that an id keeps its shard when the id list changes and a re-run
-still finds its images where its node left them. All nodes write into the same (mounted)
-output folder; as ``manifest.csv`` cannot be written by several at once, each writes its part
+fetches only its shard: the ids whose stable hash (:func:`~sslpipe.data.shards.shard_of`) is
+its rank. By hash rather than by position, so that an id keeps its shard when the id list
+changes and a re-run still finds its images where its node left them. All nodes write into the
+same (mounted) output folder; as ``manifest.csv`` cannot be written by several at once, each
+writes its part
     parts/manifest-RRRRR-of-NNNNN.csv, parts/skipped-RRRRR-of-NNNNN.csv
     parts/stats-RRRRR-of-NNNNN.json    written last: the shard is complete
 (and, while it runs, its own progress journal, ``parts/.progress-RRRRR-of-NNNNN.jsonl``)
-and then merges when it finds every part of the same run (:func:`_merge_parts`): the node
-that finishes last writes the outputs above for the whole selection, byte for byte as one node
+and then merges when it finds every part of the same run (:func:`_merge_parts`): the node that
+finishes last writes the outputs above for the whole selection, byte for byte as one node
 would, and checks ``max_skipped_fraction`` over the whole selection. Two nodes finishing
 together may both merge: the merge is deterministic and written atomically, so that is
 harmless. A part counts only when it belongs to the same run (a digest of the id list, the
-parameters and the launcher's run id, :data:`RUN_ID_VARIABLES`), so a node that failed or
-never started leaves no merged manifest behind it.
+parameters and the launcher's run id, :data:`RUN_ID_VARIABLES`), so a node
+that failed or never started leaves no merged manifest behind it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import multiprocessing
 import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from functools import partial
-from multiprocessing.synchronize import Event
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from sslpipe.core.forked import Send, can_fork, run_forked
 from sslpipe.core.io import (
     Journal,
     atomic_path,
     read_csv,
-    read_journal,
     read_json,
-    write_atomically,
     write_csv,
     write_json,
 )
 from sslpipe.core.logs import get_logger
 from sslpipe.core.machine import usable_cores
-from sslpipe.core.progress import bar as progress_bar
 from sslpipe.core.uris import redact_uri
-from sslpipe.data.image_cache import DEFAULT_CACHE_MAX_MB, CachedImage, ImageCache, prune
-from sslpipe.data.images import UnusableImageError, write_resized
+from sslpipe.data.fetch import (
+    DEFAULT_CONCURRENCY,
+    FetchJob,
+    Outcome,
+    Previous,
+    fetch,
+    journaled_images,
+)
+from sslpipe.data.image_cache import DEFAULT_CACHE_MAX_MB, ImageCache, prune
 from sslpipe.data.packed_images import write_packed
-from sslpipe.stores import BlobStore, open_blob_store
-from sslpipe.stores.base import BlobNotFoundError, StoreError
-from sslpipe.stores.local_blob import safe_blob_path
+from sslpipe.data.shards import PROGRESS_FILE as PROGRESS_FILE
+from sslpipe.data.shards import Shard, shard_of
+from sslpipe.stores import open_blob_store
+from sslpipe.stores.base import StoreError
 
 log = get_logger("data_prep")
 
@@ -110,54 +109,19 @@ _NOT_PASSED = ("file_hash", *MANIFEST_COLUMNS)
 _COPIED = ("selection.json", "labels.json")
 # The counts of stats.json, summed over the nodes' parts.
 _COUNTS = ("requested", "prepared", "downloaded", "reused")
-PROGRESS_FILE = ".progress.jsonl"
-"""The journal of the images a run has finished, in the output folder until the run ends."""
+
+
 RUN_ID_VARIABLES = ("AZUREML_RUN_ID", "TORCHELASTIC_RUN_ID")
 """The launcher's id of the job, the same on every node (Azure ML, torchrun); the first set
 one tells a part of this run from one that an earlier run left in the output folder."""
-
-
-class TooManySkippedError(RuntimeError):
-    """More images than allowed could not be used."""
 
 
 class DataPrepNodesError(ValueError):
     """The launcher started another number of processes than ``data_prep.nodes``."""
 
 
-def shard_of(image_id: str, count: int) -> int:
-    """The shard of ``image_id`` among ``count``: its SHA-256, read as a number, modulo count.
-
-    The same on every machine and in every run (unlike ``hash``), and balanced: of n ids each
-    shard gets n / count, give or take a few times sqrt(n / count).
-    """
-    digest = hashlib.sha256(image_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % count
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This node's share of the id list: the ids of :func:`shard_of` ``rank`` of ``count``.
-
-    ``run`` names the run (the same on every node of it), so that the parts of this run are
-    told from those an earlier run left in the output folder. One node: the whole list.
-    """
-
-    rank: int = 0
-    count: int = 1
-    run: str = ""
-
-    def part(self, output_dir: Path, kind: str, rank: int | None = None) -> Path:
-        """The part file ``kind`` (manifest, skipped, stats) of this node or of ``rank``."""
-        number = self.rank if rank is None else rank
-        suffix = "json" if kind == "stats" else "csv"
-        return output_dir / "parts" / f"{kind}-{number:05d}-of-{self.count:05d}.{suffix}"
-
-    def journal(self, output_dir: Path) -> Path:
-        """This node's progress journal (:data:`PROGRESS_FILE`; one per node on several)."""
-        if self.count == 1:
-            return output_dir / PROGRESS_FILE
-        return output_dir / "parts" / f".progress-{self.rank:05d}-of-{self.count:05d}.jsonl"
+class TooManySkippedError(RuntimeError):
+    """More images than allowed could not be used."""
 
 
 def node_shard(nodes: int, fingerprint: str, environ: Mapping[str, str] | None = None) -> Shard:
@@ -189,33 +153,6 @@ def node_shard(nodes: int, fingerprint: str, environ: Mapping[str, str] | None =
     return Shard(launcher.rank, nodes, run)
 
 
-@dataclass(frozen=True)
-class Outcome:
-    id: str
-    label: str
-    path: str | None = None
-    width: int = 0
-    height: int = 0
-    reason: str | None = None
-    detail: str = ""
-    blob_path: str = ""
-    etag: str = ""
-    downloaded: bool = False  # the blob's bytes were fetched (whatever came of them)
-    reused: bool = False  # the previous run's image was kept
-
-
-@dataclass(frozen=True)
-class Previous:
-    """An image that the previous finished run prepared, as its manifest lists it."""
-
-    path: str
-    width: int
-    height: int
-    blob_path: str
-    image_size: int
-    etag: str
-
-
 def _previous_images(output_dir: Path, manifest_path: Path) -> dict[str, Previous]:
     """The images of the last finished run in ``output_dir`` by id, as its manifest lists them,
     keeping only those whose file is still as that run left it (a failed run since then may
@@ -243,248 +180,6 @@ def _previous_images(output_dir: Path, manifest_path: Path) -> dict[str, Previou
     return previous
 
 
-def _journaled_images(output_dir: Path, journal_path: Path) -> dict[str, Previous]:
-    """The images that a killed run finished, as its journal lists them (the last line of an
-    id wins), keeping only those whose file has the size and modification time the journal
-    recorded: a later run that rewrote one without finishing it leaves it untrusted."""
-    previous: dict[str, Previous] = {}
-    for record in read_journal(journal_path):
-        try:
-            image = output_dir / str(record["path"])
-            stat = image.stat()
-            if (stat.st_mtime_ns, stat.st_size) != (record["mtime_ns"], record["bytes"]):
-                previous.pop(str(record["id"]), None)
-                continue
-            previous[str(record["id"])] = Previous(
-                str(record["path"]), int(record["width"]), int(record["height"]),
-                str(record["blob_path"]), int(record["image_size"]), str(record["etag"]),
-            )  # fmt: skip
-        except (KeyError, TypeError, ValueError, OSError):
-            continue  # gone, or not a line this step wrote: fetch it again
-    return previous
-
-
-def _progress(outcome: Outcome, output_dir: Path, image_size: int) -> dict[str, Any]:
-    """The journal line of a finished image (:func:`_journaled_images` reads it)."""
-    assert outcome.path is not None
-    stat = (output_dir / outcome.path).stat()
-    return {
-        "id": outcome.id, "path": outcome.path, "etag": outcome.etag, "width": outcome.width,
-        "height": outcome.height, "blob_path": outcome.blob_path, "image_size": image_size,
-        "mtime_ns": stat.st_mtime_ns, "bytes": stat.st_size,
-    }  # fmt: skip
-
-
-def _known_etag(before: Previous | None, blob_path: str, path: str, image_size: int) -> str | None:
-    """The ETag the previous image was made from when it is reusable for this row, else None."""
-    if before is None:
-        return None
-    same = (before.blob_path, before.path, before.image_size) == (blob_path, path, image_size)
-    return before.etag if same else None
-
-
-DEFAULT_CONCURRENCY = 64
-"""Downloads in flight by default (``data_prep.concurrency``), sized for the network rather
-than the cores: the images/s wanted times the seconds a request takes. At 20 ms a request
-(Azure Blob Storage answers in 10-30 ms), 64 in flight fetch up to 3,200 images/s, about what
-7 cores decode and resize (some 2 ms of CPU an image); a farther store or more cores want more."""
-
-
-@dataclass(frozen=True)
-class _Job:
-    """What every fetch of one run shares."""
-
-    store: BlobStore
-    out_dir: Path
-    image_size: int
-    previous: dict[str, Previous]
-    concurrency: int  # downloads in flight in one event loop
-    decoders: int = 1  # threads beside the event loop that decode, resize and write
-    cache: ImageCache | None = None  # the workspace's resized images, shared by runs
-
-
-@dataclass(frozen=True)
-class _Downloaded:
-    """A blob downloaded for one row, to be decoded and resized into ``target``."""
-
-    id: str
-    label: str
-    blob_path: str
-    target: Path
-    relative: str
-    data: bytes
-    etag: str
-    cached: CachedImage | None = None  # data is this cache entry's image: write it as it is
-
-
-# What a fetch reports: its outcome, and the journal line of an image it wrote (else None).
-Report = tuple[Outcome, dict[str, Any] | None]
-
-
-async def _download(job: _Job, row: dict[str, str]) -> Outcome | _Downloaded:
-    """The blob of one id-list row, to be decoded; or, when nothing is left to do for it, its
-    outcome: the previous run's image reused (its blob is unchanged) or the reason it is
-    skipped."""
-    image_id, label, blob_path = row["id"], row.get("label", ""), row["blob_path"]
-    try:
-        target = safe_blob_path(job.out_dir / "images", blob_path)
-    except ValueError as err:
-        return Outcome(image_id, label, reason="unsafe_name", detail=str(err))
-    relative = target.relative_to(job.out_dir).as_posix()
-    before = job.previous.get(image_id)
-    known = _known_etag(before, blob_path, relative, job.image_size)
-    cached = job.cache.get(blob_path) if known is None and job.cache is not None else None
-    try:
-        data, etag = await job.store.read_if_changed(blob_path, cached.etag if cached else known)
-    except BlobNotFoundError as err:
-        return Outcome(image_id, label, reason="missing_blob", detail=str(err))
-    if data is None and cached is not None:  # written by a decoding thread, off this loop
-        return _Downloaded(image_id, label, blob_path, target, relative, cached.jpeg, etag, cached)
-    if data is None and before is not None:
-        return Outcome(image_id, label, relative, before.width, before.height,
-                       blob_path=blob_path, etag=etag, reused=True)  # fmt: skip
-    assert data is not None  # read_if_changed(name, None) always reads
-    return _Downloaded(image_id, label, blob_path, target, relative, data, etag)
-
-
-def _decode(job: _Job, blob: _Downloaded) -> Report:
-    """Decode, resize and write a downloaded blob (in a decoding thread), or write the cached
-    image it stands for: its report."""
-    if blob.cached is not None:
-        write_atomically(blob.target, blob.data)
-        width, height = blob.cached.width, blob.cached.height
-    else:
-        try:
-            width, height = write_resized(blob.data, blob.target, job.image_size)
-        except UnusableImageError as err:
-            failed = Outcome(blob.id, blob.label, reason=err.reason, detail=str(err),
-                             downloaded=True)  # fmt: skip
-            return failed, None
-        if job.cache is not None:  # the JPEG just written, read back from the page cache
-            resized = CachedImage(blob.etag, width, height, blob.target.read_bytes())
-            job.cache.put(blob.blob_path, resized)
-    downloaded = blob.cached is None
-    outcome = Outcome(blob.id, blob.label, blob.relative, width, height, blob_path=blob.blob_path,
-                      etag=blob.etag, downloaded=downloaded, reused=not downloaded)  # fmt: skip
-    return outcome, _progress(outcome, job.out_dir, job.image_size)
-
-
-async def _fetch_all(
-    job: _Job,
-    rows: Iterable[dict[str, str]],
-    report: Callable[[Report], None],
-    stop: Event | None = None,
-) -> None:
-    """Fetch every row with ``job.concurrency`` downloads in flight, decoding in
-    ``job.decoders`` threads, and report each outcome as it comes; no new row is started once
-    ``stop`` is set.
-
-    Each download, once its blob has come, is handed to the decoding threads through a short
-    queue and its worker starts the next row at once, so that decoding never holds up the
-    downloads; the queue is full only when decoding is the bottleneck, and then it throttles
-    the downloads (at most ``concurrency`` + 2 * ``decoders`` blobs are held at any time).
-    """
-    job.store.set_max_concurrency(job.concurrency)
-    todo = iter(rows)
-    downloaded: asyncio.Queue[_Downloaded | None] = asyncio.Queue(maxsize=job.decoders)
-
-    async def downloader() -> None:
-        for row in todo:
-            got = await _download(job, row)
-            if isinstance(got, Outcome):
-                report((got, None))
-            else:
-                await downloaded.put(got)
-            if stop is not None and stop.is_set():
-                return
-
-    async def downloads() -> None:
-        await asyncio.gather(*(downloader() for _ in range(job.concurrency)))
-        for _ in range(job.decoders):
-            await downloaded.put(None)  # no more blobs: each decoder ends
-
-    async def decoder(pool: Executor) -> None:
-        loop = asyncio.get_running_loop()
-        while (blob := await downloaded.get()) is not None:
-            report(await loop.run_in_executor(pool, _decode, job, blob))
-
-    with ThreadPoolExecutor(max_workers=job.decoders, thread_name_prefix="decode") as pool:
-        tasks = [asyncio.create_task(downloads())]
-        tasks += [asyncio.create_task(decoder(pool)) for _ in range(job.decoders)]
-        try:
-            await asyncio.gather(*tasks)  # the first failure, as it was raised
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await job.store.close()
-
-
-class _SharedRows:
-    """The rows of a run, handed out one at a time to whichever forked process asks first
-    (through a counter in shared memory), so that every process has rows while any are left."""
-
-    def __init__(self, rows: list[dict[str, str]]) -> None:
-        self.rows = rows
-        self._next = multiprocessing.get_context("fork").Value("q", 0)
-
-    def __iter__(self) -> Iterator[dict[str, str]]:
-        while True:
-            with self._next.get_lock():
-                index = self._next.value
-                self._next.value = index + 1
-            if index >= len(self.rows):
-                return
-            yield self.rows[index]
-
-
-def concurrency_shares(concurrency: int, processes: int) -> list[int]:
-    """``concurrency`` shared out over at most ``processes`` processes: as equal as can be,
-    every share at least 1, and adding up to ``concurrency``."""
-    count = max(1, min(processes, concurrency))
-    return [concurrency // count + (number < concurrency % count) for number in range(count)]
-
-
-def _fetch_share(job: _Job, rows: _SharedRows, concurrency: int, send: Send, stop: Event) -> None:
-    """A fetching process: ``concurrency`` downloads in flight in its own event loop, taking
-    rows from ``rows`` (shared with the other processes), decoding in a thread beside it."""
-    asyncio.run(_fetch_all(replace(job, concurrency=concurrency, decoders=1), rows, send, stop))
-
-
-def _fetch(
-    job: _Job, rows: list[dict[str, str]], processes: int, journal: Journal
-) -> list[Outcome]:
-    """Every row's outcome; the images written are journaled as they come.
-
-    With ``processes`` > 1 (on Linux) that many forked processes fetch, each with its share of
-    ``job.concurrency`` (:func:`concurrency_shares`: together they keep ``job.concurrency``
-    downloads in flight) in its own event loop and a decoding thread, taking the next row from
-    a shared counter; nothing but the small reports crosses processes (sending the blobs to
-    decoding processes cost more CPU than the decoding saved). Else one event loop here,
-    decoding in ``processes`` threads.
-    """
-    outcomes: list[Outcome] = []
-    shown = progress_bar(desc="fetching", total=len(rows), unit="img")  # sslpipe.core.progress
-
-    def record(report: Report) -> None:
-        outcome, progress = report
-        outcomes.append(outcome)
-        shown.update()
-        if progress is not None:
-            journal.append(progress)
-
-    shares = concurrency_shares(job.concurrency, min(processes, len(rows)))
-    with shown:
-        if len(shares) > 1 and can_fork():
-            log.info("%d fetching processes, downloads in flight: %s", len(shares),
-                     " + ".join(map(str, shares)))  # fmt: skip
-            shared = _SharedRows(rows)
-            run_forked(shares, partial(_fetch_share, job, shared), record, name="data_prep-fetch")
-            return outcomes
-        asyncio.run(_fetch_all(replace(job, decoders=max(1, processes)), rows, record))
-    return outcomes
-
-
 def run_data_prep(
     *,
     ids_dir: Path,
@@ -507,14 +202,15 @@ def run_data_prep(
     ``stats["downloaded"]`` and ``stats["reused"]`` count both kinds.
 
     With ``nodes`` > 1 this node fetches only its shard, found in the launcher's variables in
-    ``environ`` (default ``os.environ``; see :func:`node_shard`), and writes its parts; the
-    node that completes the set merges them (module docstring). The stats returned are those
-    of the whole selection when this call merged, else those of its shard (with ``rank``).
+    ``environ`` (default ``os.environ``; see :func:`node_shard`), and
+    writes its parts; the node that completes the set merges them (module docstring). The stats
+    returned are those of the whole selection when this call merged, else those of its shard
+    (with ``rank``).
 
     ``concurrency``: downloads in flight, whatever the number of processes (default
-    :data:`DEFAULT_CONCURRENCY`). ``processes``: processes that fetch, decode and resize,
-    together keeping ``concurrency`` downloads in flight (default: one per usable core, at most
-    ``concurrency``; 1: this process, decoding in a thread).
+    :data:`~sslpipe.data.fetch.DEFAULT_CONCURRENCY`). ``processes``: processes that fetch,
+    decode and resize, together keeping ``concurrency`` downloads in flight (default: one per
+    usable core, at most ``concurrency``; 1: this process, decoding in a thread).
 
     Raises:
         TooManySkippedError: when the skipped share of the whole selection exceeds
@@ -555,7 +251,7 @@ def run_data_prep(
         for kind in ("stats", "manifest", "skipped"):
             shard.part(output_dir, kind).unlink(missing_ok=True)
     journal_path = shard.journal(output_dir)
-    journaled = _journaled_images(output_dir, journal_path)
+    journaled = journaled_images(output_dir, journal_path)
     if journaled:
         log.info("%d images are journaled by a run that did not finish", len(journaled))
     previous |= journaled
@@ -565,9 +261,9 @@ def run_data_prep(
     if image_cache is not None and cache_max_bytes > 0:
         cache = ImageCache(image_cache, blob_uri, image_size, cache_max_bytes)
         log.info("image cache: %s (at most %.0f MiB)", image_cache, cache_max_bytes / 2**20)
-    job = _Job(store, output_dir, image_size, previous, concurrency, cache=cache)
+    job = FetchJob(store, output_dir, image_size, previous, concurrency, cache=cache)
     with Journal(journal_path) as journal:
-        outcomes = _fetch(job, rows, processes or min(concurrency, usable_cores()), journal)
+        outcomes = fetch(job, rows, processes or min(concurrency, usable_cores()), journal)
     if cache is not None:
         _prune_cache(cache)
     outcomes += duplicates

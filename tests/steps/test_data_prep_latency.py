@@ -23,8 +23,10 @@ import pytest
 
 from benchmarks.latency_proxy import LatencyProxy
 from sslpipe.core.config import DataPrepConfig
+from sslpipe.data import fetch
+from sslpipe.data.fetch import DEFAULT_CONCURRENCY, concurrency_shares
 from sslpipe.steps import data_prep
-from sslpipe.steps.data_prep import DEFAULT_CONCURRENCY, concurrency_shares, run_data_prep
+from sslpipe.steps.data_prep import run_data_prep
 from sslpipe.stores.azure_blob import CONNECTION_STRING_ENV, AzureBlobStore
 from sslpipe.stores.base import BlobInfo, BlobStore
 from sslpipe.stores.local_blob import LocalFolderBlobStore
@@ -120,13 +122,13 @@ def slow_decoding(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
     """Each decode takes at least the first value of the list (seconds) longer, as a big photo
     would; sleeping, like PIL's decoding, lets go of the GIL."""
     extra = [0.0]
-    real = data_prep.write_resized
+    real = fetch.write_resized
 
     def slow(data: bytes, target: Path, size: int) -> tuple[int, int]:
         time.sleep(extra[0])
         return real(data, target, size)
 
-    monkeypatch.setattr(data_prep, "write_resized", slow)
+    monkeypatch.setattr(fetch, "write_resized", slow)
     yield extra
 
 

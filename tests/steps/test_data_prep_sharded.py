@@ -22,14 +22,10 @@ import pytest
 
 from pipelines import PIPELINES
 from sslpipe.core.config import load_config
+from sslpipe.data.shards import shard_of
 from sslpipe.execution import PipelineGraph, PipelineGraphError
 from sslpipe.models.training.distributed import DistributedEnvError
-from sslpipe.steps.data_prep import (
-    DataPrepNodesError,
-    TooManySkippedError,
-    run_data_prep,
-    shard_of,
-)
+from sslpipe.steps.data_prep import DataPrepNodesError, TooManySkippedError, run_data_prep
 from sslpipe.stores.local_blob import LocalFolderBlobStore
 
 REPO = Path(__file__).resolve().parents[2]
