@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from sslpipe.core.config import ClassifierConfig
 from sslpipe.core.io import read_optional_json, write_json
@@ -56,6 +57,7 @@ from sslpipe.models.classifier.parallel import (
 )
 from sslpipe.models.classifier.train import (
     EarlyStopping,
+    LabelledData,
     LabelledImageDataset,
     evaluate,
     expand_repeats,
@@ -215,6 +217,27 @@ def run_classifier_train(
         )
 
 
+@dataclass
+class _Training:
+    """What every epoch of one run uses, built once by :func:`_run`."""
+
+    config: ClassifierConfig
+    env: distributed.DistEnv
+    device: torch.device
+    model: ImageClassifier
+    num_classes: int
+    train_set: LabelledImageDataset
+    val_set: LabelledImageDataset
+    batch: int  # per process and step
+    val_batch: int
+    criterion: torch.nn.Module  # scores validation logits on the CPU
+    train_criterion: torch.nn.Module  # on the device
+    stopper: EarlyStopping
+    checkpoint: Checkpoint
+    identity: dict[str, Any]
+    val_loader: DataLoader[Any] | None = None  # one process only
+
+
 def _run(
     *,
     data_dir: Path,
@@ -241,48 +264,38 @@ def _run(
         if reason is not None:
             return {"metrics": None, "history": [], "lineage": None, "skipped": reason}
     model = build_classifier(backbone, spec.feature_dim, len(data.classes), config).to(device)
-
     train_rows = expand_repeats(data.split("train"))
-    if len(train_rows) < 2:
-        raise ValueError(
-            f"classifier_train needs at least 2 training images, found {len(train_rows)}"
-        )
-    per_process = len(train_rows) // env.world_size
-    if per_process < 2:
-        raise ValueError(
-            f"classifier_train needs at least 2 training images per process, found "
-            f"{len(train_rows)} for {env.world_size} processes; run fewer processes"
-        )
-    batch = min(config.batch_size, per_process)
-    train_set = LabelledImageDataset(
-        data_dir,
-        train_rows,
-        train_transform(config.image_size, vertical_flip_p=0.5 if config.vertical_flip else 0.0),
+    training = _Training(
+        config=config,
+        env=env,
+        device=device,
+        model=model,
+        num_classes=len(data.classes),
+        train_set=LabelledImageDataset(
+            data_dir,
+            train_rows,
+            train_transform(
+                config.image_size, vertical_flip_p=0.5 if config.vertical_flip else 0.0
+            ),
+        ),
+        val_set=LabelledImageDataset(
+            data_dir, data.split("val"), eval_transform(config.image_size)
+        ),
+        batch=_batch_size(config, len(train_rows), env.world_size),
+        val_batch=max(64, config.batch_size),
+        criterion=make_criterion(data.class_weights),
+        train_criterion=make_criterion(data.class_weights).to(device),
+        stopper=EarlyStopping(config.patience),
+        checkpoint=Checkpoint(checkpoint_dir),
+        identity=_identity(config, fingerprint, _backbone_identity(backbone_lineage)),
     )
-    val_set = LabelledImageDataset(data_dir, data.split("val"), eval_transform(config.image_size))
-    val_batch = max(64, config.batch_size)
-    val_loader = (
-        None if env.is_distributed else batches(val_set, val_batch, config.num_workers, seed=None)
-    )
-    criterion = make_criterion(data.class_weights)  # scores validation logits on the CPU
-    train_criterion = make_criterion(data.class_weights).to(device)
-    identity = _identity(config, fingerprint, _backbone_identity(backbone_lineage))
-    stages = stages_for(config)
+    if not env.is_distributed:
+        training.val_loader = batches(
+            training.val_set, training.val_batch, config.num_workers, seed=None
+        )
+    state, optimizer_state = _resume(training, resume, checkpoint_dir)
 
-    stopper = EarlyStopping(config.patience)
-    # Every process loads rank 0's checkpoint.
-    checkpoint = Checkpoint(checkpoint_dir)
-    loaded = checkpoint.resume(model, identity) if resume else None
-    state, optimizer_state = ClassifierState(), None
-    if loaded is not None:
-        stopper.load_state_dict(loaded["early_stopping"])
-        state, optimizer_state = ClassifierState.from_payload(loaded), loaded["optimizer"]
-    distributed.check_same_start(state.epoch, checkpoint_dir, device)
-    if env.is_distributed:  # the same start everywhere, frozen backbone included
-        distributed.broadcast_([*model.parameters(), *model.buffers()])
-
-    counts = data.counts()
-    num_images = {**counts, "train_drawn_per_epoch": len(train_rows)}
+    num_images = {**data.counts(), "train_drawn_per_epoch": len(train_rows)}
     balance = (
         "class_weight"
         if data.class_weights is not None
@@ -303,8 +316,8 @@ def _run(
             "data parallel over %d processes (%s): %d images per process and step, global batch %d",
             env.world_size,
             device.type,
-            batch,
-            batch * env.world_size,
+            training.batch,
+            training.batch * env.world_size,
         )
 
     selection = read_optional_json(data_dir / "selection.json")
@@ -316,151 +329,21 @@ def _run(
         "num_classes": len(data.classes),
         "balance": balance,
         "world_size": env.world_size,
-        "global_batch_size": batch * env.world_size,
+        "global_batch_size": training.batch * env.world_size,
         **{f"num_{k}": v for k, v in num_images.items()},
     }
+    stages = stages_for(config)
     with tracking_run(
         tracker, step="classifier_train", state=state, main=main, params=lambda: params
     ) as run:
         while state.stage < len(stages):
-            stage = stages[state.stage]
-            if state.stage > 0 and state.stage_epoch == 0 and stopper.best_state is not None:
-                # Fine-tuning starts from the best head, not from the last (possibly worse) one.
-                model.load_state_dict(stopper.best_state)
-                log.info("stage %s starts from epoch %d's model", stage.name, stopper.best_epoch)
-            set_backbone_trainable(model, not stage.backbone_frozen)
-            replica = replicate(model, backbone_frozen=stage.backbone_frozen, device=device)
-            optimizer = torch.optim.Adam(
-                trainable_parameters(model), lr=stage.lr, weight_decay=config.weight_decay
-            )
-            if optimizer_state is not None and state.stage_epoch > 0:
-                optimizer.load_state_dict(optimizer_state)
-            optimizer_state = None
-            while state.stage_epoch < stage.epochs:
-                # Seeding per epoch makes an epoch a function of (seed, epoch, rank) alone, so a
-                # resumed run continues exactly like an uninterrupted one.
-                torch.manual_seed(distributed.epoch_seed(config.seed, state.epoch, env.rank))
-                loader = (
-                    sharded_batches(
-                        train_set,
-                        batch,
-                        config.num_workers,
-                        seed=config.seed,
-                        epoch=state.epoch,
-                        env=env,
-                    )
-                    if env.is_distributed
-                    else batches(
-                        train_set, batch, config.num_workers, seed=config.seed + state.epoch
-                    )
-                )
-                started = time.perf_counter()
-                done = state.stage_epoch + 1
-                shown = f"epoch {state.epoch + 1} ({stage.name} {done}/{stage.epochs})"
-                train_loss, train_accuracy = train_epoch(
-                    model,
-                    loader,
-                    optimizer,
-                    train_criterion,
-                    backbone_frozen=stage.backbone_frozen,
-                    trained=replica,
-                    device=device,
-                    desc=shown,
-                )
-                train_loss, train_accuracy = mean_over_processes(
-                    [train_loss, train_accuracy], device
-                )
-                if env.is_distributed:
-                    # Fine-tuning moves BN statistics per process: rank 0's are kept.
-                    distributed.broadcast_(list(model.buffers()))
-                    replicas = [*model.parameters(), *model.buffers()]
-                    distributed.check_replicas_agree(replicas, device)
-                    val = validate_sharded(
-                        model,
-                        val_set,
-                        criterion,
-                        batch=val_batch,
-                        workers=config.num_workers,
-                        num_classes=len(data.classes),
-                        device=device,
-                    )
-                else:
-                    assert val_loader is not None
-                    val = (  # CPU batches stay where the loader made them
-                        evaluate(model, val_loader, criterion)
-                        if device.type == "cpu"
-                        else evaluate(model, val_loader, criterion, device)
-                    )
-                state.epoch += 1
-                state.stage_epoch += 1
-                improved = stopper.step(val["macro_f1"], state.epoch, model)
-                row: dict[str, Any] = {
-                    "epoch": state.epoch,
-                    "stage": stage.name,
-                    "stage_epoch": state.stage_epoch,
-                    "lr": stage.lr,
-                    "train_loss": train_loss,
-                    "train_accuracy": train_accuracy,
-                    "val_loss": val["loss"],
-                    "val_accuracy": val["accuracy"],
-                    "val_macro_f1": val["macro_f1"],
-                    "best": improved,
-                    "seconds": round(time.perf_counter() - started, 3),
-                }
-                state.history.append(row)
-                if main:
-                    run.log_metrics(
-                        {
-                            k: float(v)
-                            for k, v in row.items()
-                            if k not in ("epoch", "stage", "best")
-                        },
-                        step=state.epoch,
-                    )
-                log.info(
-                    "epoch %d (%s %d/%d): train loss %.4f acc %.3f | val loss %.4f acc %.3f "
-                    "macro-F1 %.3f%s",
-                    state.epoch,
-                    stage.name,
-                    state.stage_epoch,
-                    stage.epochs,
-                    train_loss,
-                    train_accuracy,
-                    val["loss"],
-                    val["accuracy"],
-                    val["macro_f1"],
-                    " (best)" if improved else "",
-                )
-                # The same scores everywhere, so every process stops at the same epoch.
-                stop = stopper.should_stop
-                finished = stop or state.stage_epoch >= stage.epochs
-                if stop:
-                    state.stopped_early.append(stage.name)
-                    log.info(
-                        "early stop of stage %s: no better val macro-F1 for %d epochs",
-                        stage.name,
-                        stopper.bad_epochs,
-                    )
-                if finished:
-                    state.stage, state.stage_epoch = state.stage + 1, 0
-                    stopper.reset_patience()
-                if main:
-                    checkpoint.save(
-                        model=model,
-                        optimizer=None if finished else optimizer,
-                        state=state,
-                        identity=identity,
-                        early_stopping=stopper.state_dict(),
-                    )
-                if finished:
-                    break
-            # Drop this stage's wrapper (and its gradient hooks) before the next one wraps.
-            del replica
+            _train_stage(training, stages[state.stage], state, optimizer_state, run)
+            optimizer_state = None  # only the stage a run resumes in continues an optimizer
 
+        stopper = training.stopper
         if stopper.best_state is None:  # pragma: no cover - every stage runs >= 1 epoch
             raise RuntimeError("no epoch was trained")
         model.load_state_dict(stopper.best_state)
-        best_row = next(r for r in state.history if r["epoch"] == stopper.best_epoch)
         lineage = {
             "backbone": backbone_lineage,
             "filter": selection.get("filter"),
@@ -475,31 +358,7 @@ def _run(
             "mode": config.mode,
             "best_epoch": stopper.best_epoch,
         }
-        metrics = {
-            "mode": config.mode,
-            "best_epoch": stopper.best_epoch,
-            "best_stage": best_row["stage"],
-            "best_val_macro_f1": best_row["val_macro_f1"],
-            "best_val_accuracy": best_row["val_accuracy"],
-            "best_val_loss": best_row["val_loss"],
-            "epochs_run": state.epoch,
-            "stopped_early": bool(state.stopped_early),
-            "stopped_early_stages": state.stopped_early,
-            "stages": [
-                {
-                    "name": s.name,
-                    "epochs": s.epochs,
-                    "lr": s.lr,
-                    "epochs_run": sum(1 for r in state.history if r["stage"] == s.name),
-                }
-                for s in stages
-            ],
-            "patience": config.patience,
-            "classes": data.classes,
-            "num_images": num_images,
-            "class_weighted_loss": data.class_weights is not None,
-            "mlflow_run_id": state.mlflow_run_id,
-        }
+        metrics = _train_metrics(config, stages, state, stopper, data, num_images)
         if not main:
             return {"metrics": metrics, "history": state.history, "lineage": lineage}
         save_classifier(
@@ -512,28 +371,252 @@ def _run(
             image_size=config.image_size,
             lineage=lineage,
         )
-        write_json(model_dir / HISTORY_FILE, state.history)
-        write_json(model_dir / METRICS_FILE, metrics)
-        plot_curves(model_dir / CURVES_FILE, state.history, title=f"classifier ({config.mode})")
-        run.log_metrics(
-            {
-                "best_val_macro_f1": metrics["best_val_macro_f1"],
-                "best_val_accuracy": metrics["best_val_accuracy"],
-                "best_epoch": float(stopper.best_epoch),
-            }
-        )
-        run.set_tags({"stopped_early": str(metrics["stopped_early"]).lower()})
-        for name in (CURVES_FILE, METRICS_FILE, HISTORY_FILE):
-            run.log_artifact(model_dir / name)
+        _write_outputs(model_dir, state, metrics, run, title=f"classifier ({config.mode})")
         log.info(
             "best epoch %d (%s): val macro-F1 %.3f, accuracy %.3f; saved to %s",
             stopper.best_epoch,
-            best_row["stage"],
-            best_row["val_macro_f1"],
-            best_row["val_accuracy"],
+            metrics["best_stage"],
+            metrics["best_val_macro_f1"],
+            metrics["best_val_accuracy"],
             model_dir,
         )
     return {"metrics": metrics, "history": state.history, "lineage": lineage}
+
+
+def _train_metrics(
+    config: ClassifierConfig,
+    stages: list[Stage],
+    state: ClassifierState,
+    stopper: EarlyStopping,
+    data: LabelledData,
+    num_images: dict[str, int],
+) -> dict[str, Any]:
+    """``train_metrics.json``: the best epoch's scores, the stages as they ran, the data."""
+    best_row = next(r for r in state.history if r["epoch"] == stopper.best_epoch)
+    return {
+        "mode": config.mode,
+        "best_epoch": stopper.best_epoch,
+        "best_stage": best_row["stage"],
+        "best_val_macro_f1": best_row["val_macro_f1"],
+        "best_val_accuracy": best_row["val_accuracy"],
+        "best_val_loss": best_row["val_loss"],
+        "epochs_run": state.epoch,
+        "stopped_early": bool(state.stopped_early),
+        "stopped_early_stages": state.stopped_early,
+        "stages": [
+            {
+                "name": s.name,
+                "epochs": s.epochs,
+                "lr": s.lr,
+                "epochs_run": sum(1 for r in state.history if r["stage"] == s.name),
+            }
+            for s in stages
+        ],
+        "patience": config.patience,
+        "classes": data.classes,
+        "num_images": num_images,
+        "class_weighted_loss": data.class_weights is not None,
+        "mlflow_run_id": state.mlflow_run_id,
+    }
+
+
+def _batch_size(config: ClassifierConfig, train_rows: int, world_size: int) -> int:
+    """One process's batch: ``config.batch_size``, or fewer when the shard is smaller."""
+    if train_rows < 2:
+        raise ValueError(f"classifier_train needs at least 2 training images, found {train_rows}")
+    per_process = train_rows // world_size
+    if per_process < 2:
+        raise ValueError(
+            f"classifier_train needs at least 2 training images per process, found "
+            f"{train_rows} for {world_size} processes; run fewer processes"
+        )
+    return min(config.batch_size, per_process)
+
+
+def _resume(
+    training: _Training, resume: bool, checkpoint_dir: Path
+) -> tuple[ClassifierState, dict[str, Any] | None]:
+    """The state to start from and the optimizer state to continue (every process loads rank
+    0's checkpoint), with the same weights everywhere, frozen backbone included."""
+    loaded = training.checkpoint.resume(training.model, training.identity) if resume else None
+    state, optimizer_state = ClassifierState(), None
+    if loaded is not None:
+        training.stopper.load_state_dict(loaded["early_stopping"])
+        state, optimizer_state = ClassifierState.from_payload(loaded), loaded["optimizer"]
+    distributed.check_same_start(state.epoch, checkpoint_dir, training.device)
+    if training.env.is_distributed:
+        model = training.model
+        distributed.broadcast_([*model.parameters(), *model.buffers()])
+    return state, optimizer_state
+
+
+def _train_stage(
+    training: _Training,
+    stage: Stage,
+    state: ClassifierState,
+    optimizer_state: dict[str, Any] | None,
+    run: Any,
+) -> None:
+    """Train ``stage`` from where ``state`` stands until its last epoch or its early stop,
+    checkpointing after every epoch; ``state`` then points at the next stage."""
+    model, stopper = training.model, training.stopper
+    if state.stage > 0 and state.stage_epoch == 0 and stopper.best_state is not None:
+        # Fine-tuning starts from the best head, not from the last (possibly worse) one.
+        model.load_state_dict(stopper.best_state)
+        log.info("stage %s starts from epoch %d's model", stage.name, stopper.best_epoch)
+    set_backbone_trainable(model, not stage.backbone_frozen)
+    replica = replicate(model, backbone_frozen=stage.backbone_frozen, device=training.device)
+    optimizer = torch.optim.Adam(
+        trainable_parameters(model), lr=stage.lr, weight_decay=training.config.weight_decay
+    )
+    if optimizer_state is not None and state.stage_epoch > 0:
+        optimizer.load_state_dict(optimizer_state)
+    while state.stage_epoch < stage.epochs:
+        row = _train_epoch(training, stage, state, optimizer, replica)
+        if run is not None:
+            scalars = {k: float(v) for k, v in row.items() if k not in ("epoch", "stage", "best")}
+            run.log_metrics(scalars, step=state.epoch)
+        log.info(
+            "epoch %d (%s %d/%d): train loss %.4f acc %.3f | val loss %.4f acc %.3f "
+            "macro-F1 %.3f%s",
+            state.epoch,
+            stage.name,
+            state.stage_epoch,
+            stage.epochs,
+            row["train_loss"],
+            row["train_accuracy"],
+            row["val_loss"],
+            row["val_accuracy"],
+            row["val_macro_f1"],
+            " (best)" if row["best"] else "",
+        )
+        # The same scores everywhere, so every process stops at the same epoch.
+        stop = stopper.should_stop
+        finished = stop or state.stage_epoch >= stage.epochs
+        if stop:
+            state.stopped_early.append(stage.name)
+            log.info(
+                "early stop of stage %s: no better val macro-F1 for %d epochs",
+                stage.name,
+                stopper.bad_epochs,
+            )
+        if finished:
+            state.stage, state.stage_epoch = state.stage + 1, 0
+            stopper.reset_patience()
+        if training.env.is_main:
+            training.checkpoint.save(
+                model=model,
+                optimizer=None if finished else optimizer,
+                state=state,
+                identity=training.identity,
+                early_stopping=stopper.state_dict(),
+            )
+        if finished:
+            break
+    # Drop this stage's wrapper (and its gradient hooks) before the next one wraps.
+    del replica
+
+
+def _train_epoch(
+    training: _Training,
+    stage: Stage,
+    state: ClassifierState,
+    optimizer: torch.optim.Optimizer,
+    replica: torch.nn.Module | None,
+) -> dict[str, Any]:
+    """Train one epoch and validate: its history row, appended to ``state.history``."""
+    config, env, device, model = training.config, training.env, training.device, training.model
+    # Seeding per epoch makes an epoch a function of (seed, epoch, rank) alone, so a resumed
+    # run continues exactly like an uninterrupted one.
+    torch.manual_seed(distributed.epoch_seed(config.seed, state.epoch, env.rank))
+    loader = (
+        sharded_batches(
+            training.train_set,
+            training.batch,
+            config.num_workers,
+            seed=config.seed,
+            epoch=state.epoch,
+            env=env,
+        )
+        if env.is_distributed
+        else batches(
+            training.train_set, training.batch, config.num_workers, seed=config.seed + state.epoch
+        )
+    )
+    started = time.perf_counter()
+    done = state.stage_epoch + 1
+    shown = f"epoch {state.epoch + 1} ({stage.name} {done}/{stage.epochs})"
+    train_loss, train_accuracy = train_epoch(
+        model,
+        loader,
+        optimizer,
+        training.train_criterion,
+        backbone_frozen=stage.backbone_frozen,
+        trained=replica,
+        device=device,
+        desc=shown,
+    )
+    train_loss, train_accuracy = mean_over_processes([train_loss, train_accuracy], device)
+    val = _validate(training)
+    state.epoch += 1
+    state.stage_epoch += 1
+    improved = training.stopper.step(val["macro_f1"], state.epoch, model)
+    row: dict[str, Any] = {
+        "epoch": state.epoch,
+        "stage": stage.name,
+        "stage_epoch": state.stage_epoch,
+        "lr": stage.lr,
+        "train_loss": train_loss,
+        "train_accuracy": train_accuracy,
+        "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"],
+        "val_macro_f1": val["macro_f1"],
+        "best": improved,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    state.history.append(row)
+    return row
+
+
+def _validate(training: _Training) -> dict[str, float]:
+    """Validation scores, the same in every process."""
+    model, device = training.model, training.device
+    if training.env.is_distributed:
+        # Fine-tuning moves BN statistics per process: rank 0's are kept.
+        distributed.broadcast_(list(model.buffers()))
+        distributed.check_replicas_agree([*model.parameters(), *model.buffers()], device)
+        return validate_sharded(
+            model,
+            training.val_set,
+            training.criterion,
+            batch=training.val_batch,
+            workers=training.config.num_workers,
+            num_classes=training.num_classes,
+            device=device,
+        )
+    assert training.val_loader is not None
+    if device.type == "cpu":  # CPU batches stay where the loader made them
+        return evaluate(model, training.val_loader, training.criterion)
+    return evaluate(model, training.val_loader, training.criterion, device)
+
+
+def _write_outputs(
+    model_dir: Path, state: ClassifierState, metrics: dict[str, Any], run: Any, *, title: str
+) -> None:
+    """The history, metrics and curves beside the saved classifier, and their tracking."""
+    write_json(model_dir / HISTORY_FILE, state.history)
+    write_json(model_dir / METRICS_FILE, metrics)
+    plot_curves(model_dir / CURVES_FILE, state.history, title=title)
+    run.log_metrics(
+        {
+            "best_val_macro_f1": metrics["best_val_macro_f1"],
+            "best_val_accuracy": metrics["best_val_accuracy"],
+            "best_epoch": float(metrics["best_epoch"]),
+        }
+    )
+    run.set_tags({"stopped_early": str(metrics["stopped_early"]).lower()})
+    for name in (CURVES_FILE, METRICS_FILE, HISTORY_FILE):
+        run.log_artifact(model_dir / name)
 
 
 __all__ = [
