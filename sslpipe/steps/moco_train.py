@@ -41,7 +41,7 @@ from sslpipe.core.config import MocoConfig
 from sslpipe.core.io import atomic_path, read_csv, read_optional_json, write_json
 from sslpipe.core.logs import get_logger
 from sslpipe.models.backbone_io import save_backbone
-from sslpipe.models.moco import BackboneSpec, TwoCropsTransform
+from sslpipe.models.moco import BackboneSpec, MoCo, TwoCropsTransform
 from sslpipe.models.moco.batch_augment import crop_transform
 from sslpipe.models.moco.epochs import EpochOrder
 from sslpipe.models.moco.loading import ManifestImages, views_loader
@@ -371,24 +371,41 @@ def _run(
             "mlflow_run_id": run.run_id,
             "pipeline_run_id": os.environ.get("SSLPIPE_RUN_ID"),
         }
-        spec = BackboneSpec(config.backbone, config.small_stem)
-        save_backbone(
-            model_dir, model.backbone, spec, image_size=config.image_size, lineage=lineage
+        registered = _save_outputs(
+            model_dir, model, config, state, metrics_out, lineage, run, register=register
         )
-        _plot_losses(model_dir / "loss_curve.png", losses, knn, knn_epochs)
-        write_json(model_dir / "metrics.json", metrics_out)
-        run.log_artifact(model_dir / "loss_curve.png")
-        registered = None
-        if register:
-            registered = register_backbone(
-                model_dir,
-                name=config.model_name,
-                tags=_lineage_tags(lineage),
-                description=f"MoCo v2 {config.backbone} backbone",
-            )
-            write_json(model_dir / "registered_model.json", registered)
-            log.info("registered %s (version %s)", registered["uri"], registered["version"])
     return {"metrics": metrics_out, "registered": registered}
+
+
+def _save_outputs(
+    model_dir: Path,
+    model: MoCo,
+    config: MocoConfig,
+    state: MocoState,
+    metrics: dict[str, Any],
+    lineage: dict[str, Any],
+    run: Any,
+    *,
+    register: bool,
+) -> dict[str, Any] | None:
+    """Write the backbone folder (weights, config, lineage), its loss curve and metrics, track
+    them and, with ``register``, register the backbone: the registered version, or None."""
+    spec = BackboneSpec(config.backbone, config.small_stem)
+    save_backbone(model_dir, model.backbone, spec, image_size=config.image_size, lineage=lineage)
+    _plot_losses(model_dir / "loss_curve.png", state.losses, state.knn, state.knn_epochs)
+    write_json(model_dir / "metrics.json", metrics)
+    run.log_artifact(model_dir / "loss_curve.png")
+    if not register:
+        return None
+    registered = register_backbone(
+        model_dir,
+        name=config.model_name,
+        tags=_lineage_tags(lineage),
+        description=f"MoCo v2 {config.backbone} backbone",
+    )
+    write_json(model_dir / "registered_model.json", registered)
+    log.info("registered %s (version %s)", registered["uri"], registered["version"])
+    return registered
 
 
 def _lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
