@@ -10,8 +10,10 @@ their warnings and errors still come through.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from typing import TextIO
 
 _FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
@@ -53,3 +55,14 @@ def get_logger(name: str) -> logging.Logger:
 def log_to_stderr() -> None:
     """Send the library's log lines to stderr (for commands that print a report on stdout)."""
     _configure(sys.stderr)
+
+
+@contextlib.contextmanager
+def quieted(logger: logging.Logger, level: int = logging.ERROR) -> Iterator[None]:
+    """Show only ``level`` and above of ``logger`` (and the loggers below it) in this block."""
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

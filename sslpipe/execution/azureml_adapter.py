@@ -31,14 +31,14 @@ pinned SDK by ``tests/execution/test_azureml_adapter.py``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sslpipe.core.logs import quieted
 from sslpipe.execution.graph import (
     PRIMITIVE_TYPES,
     REMOTE_PREFIXES,
@@ -81,7 +81,7 @@ def read_pipeline_job(
     values = reader.pipeline_input_values(job, pipeline_inputs or {})
     steps: dict[str, StepSpec] = {}
     aliases: dict[tuple[str, str], Binding | None] = {}
-    with _quiet_azure_logs():
+    with quieted(logging.getLogger("azure.ai.ml")):  # its 'experimental class' warnings
         reader.collect(job.jobs, prefix="", parent_inputs=values, steps=steps, aliases=aliases)
     steps = {name: _resolve_aliases(step, aliases) for name, step in steps.items()}
     name = job.display_name or job.name or getattr(job.component, "name", None) or "pipeline"
@@ -152,18 +152,6 @@ def _job_base_dir(job: Any) -> Path:
     """The folder that relative local paths in the job are relative to."""
     base = getattr(job, "base_path", None)
     return Path(base).resolve() if base else Path.cwd()
-
-
-@contextlib.contextmanager
-def _quiet_azure_logs() -> Iterator[None]:
-    """Silence azure-ai-ml's 'experimental class' warnings while we serialise nodes."""
-    logger = logging.getLogger("azure.ai.ml")
-    previous = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
 
 
 def _is_remote(path: str) -> bool:

@@ -25,14 +25,13 @@ data (:func:`moco_effective_sizes`).
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from sslpipe.core.logs import quieted
 from sslpipe.execution.graph import StepSpec
 from sslpipe.execution.hashing import hash_file
 
@@ -270,13 +269,15 @@ def moco_effective_sizes(
         why = "configured; shrunk if the prepared images are too few, known after data_prep"
         return {"queue_size": Effective(configured, why)}
     from sslpipe.core.config import MocoConfig
-    from sslpipe.models.moco.recipe import effective_sizes
+    from sslpipe.models.moco import recipe
 
     config = MocoConfig(**{k: parameters[k] for k in MocoConfig.model_fields if k in parameters})
     images = _count_rows(manifest)
     try:
-        with _quiet("sslpipe.moco_train"):  # its warnings say the same, for the real run
-            batch, queue = effective_sizes(config, images, config.nodes * config.processes_per_node)
+        with quieted(recipe.log):  # its warnings say the same, for the real run
+            batch, queue = recipe.effective_sizes(
+                config, images, config.nodes * config.processes_per_node
+            )
     except ValueError as err:
         return {"queue_size": Effective(configured, f"the step would fail: {err}")}
     found: dict[str, Effective] = {}
@@ -303,17 +304,6 @@ def project_live_state() -> RegistryLiveState:
 def _count_rows(table: Path) -> int:
     with open(table, newline="", encoding="utf-8") as handle:
         return max(0, sum(1 for _ in csv.reader(handle)) - 1)
-
-
-@contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    logger = logging.getLogger(logger_name)
-    previous = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
 
 
 __all__ = [

@@ -4,6 +4,7 @@ Real processes and a real SQLite MLflow registry; the fixture components stand f
 classifier_train (``model_user``: a backbone reference) and evaluate (``registrar``: registers).
 """
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from azure.ai.ml import Input, dsl
 from mlflow.tracking import MlflowClient
 from torchvision import models
 
+from sslpipe.core.logs import get_logger
 from sslpipe.execution import PipelineGraph, RunRecord, StepFailedError
 from sslpipe.execution.live import (
     Effective,
@@ -237,3 +239,22 @@ def test_moco_s_effective_queue_and_batch_come_from_the_prepared_data(
     assert unknown["queue_size"] == Effective(
         4096, "configured; shrunk if the prepared images are too few, known after data_prep"
     )
+
+
+def test_planning_moco_s_sizes_prints_none_of_the_step_s_warnings(tmp_path: Path) -> None:
+    # The plan says it in its own words; moco_train warns when it really shrinks them.
+    rows = "".join(f"{i},images/{i}.jpeg,\n" for i in range(20))
+    (tmp_path / "manifest.csv").write_text("id,path,label\n" + rows, encoding="utf-8")
+    parameters = {"batch_size": 32, "queue_size": 4096, "nodes": 1, "processes_per_node": 1}
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    library = get_logger("test").parent
+    assert library is not None
+    library.addHandler(handler)
+    try:
+        found = moco_effective_sizes(parameters, {"data": str(tmp_path)})
+    finally:
+        library.removeHandler(handler)
+    assert found["queue_size"].value == 20
+    assert [r.getMessage() for r in records] == []

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sslpipe.core.logs import quieted
+
 ENV_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 """What torchrun and Azure ML's PyTorch distribution set in every process."""
 
@@ -335,13 +337,11 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 @contextmanager
 def quiet_unless_main(logger: logging.Logger, env: DistEnv) -> Iterator[None]:
     """Only rank 0 logs progress through ``logger``; the others log warnings and errors."""
-    previous = logger.level
-    if not env.is_main:
-        logger.setLevel(logging.WARNING)
-    try:
+    if env.is_main:
         yield
-    finally:
-        logger.setLevel(previous)
+        return
+    with quieted(logger, logging.WARNING):
+        yield
 
 
 def check_same_start(epoch: int, checkpoint_dir: Path, device: torch.device) -> None:
