@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 PROG = "python -m sslpipe"
@@ -117,3 +118,17 @@ def command_parser(
         parents=list(parents),
     )
     return parser
+
+
+def config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and ``--set KEY=VALUE``: the layered configuration of every command
+    that reads one (:func:`sslpipe.core.config.load_config`)."""
+    parser.add_argument("--config", type=Path, help="a YAML configuration file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one configuration key (repeatable), e.g. stores.metadata_uri=cosmos://…",
+    )

@@ -23,26 +23,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sslpipe.cli.commands import PROG, command_parser
+from sslpipe.cli.commands import PROG, command_parser, config_arguments
 from sslpipe.core.arguments import OneLineErrorParser
 from sslpipe.core.config import ConfigError, PipelineConfig, load_config
 from sslpipe.core.logs import log_to_stderr
 from sslpipe.core.uris import redact_uri
 from sslpipe.data.ingest import IngestError, ingest_folder
 from sslpipe.stores import StoreError, open_blob_store, open_metadata_store
-
-
-def _config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="a YAML configuration file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one configuration key (repeatable), e.g. stores.metadata_uri=cosmos://…",
-    )
-
 
 STORES = """\
 stores: the configuration's stores.metadata_uri and stores.blob_uri (the embedded default in
@@ -70,14 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON lines, one metadata document per image; its 'id' is the image's file name",
     )
     ingest.add_argument("--concurrency", type=int, default=16, help="parallel blob uploads")
-    _config_arguments(ingest)
+    config_arguments(ingest)
     udf = command_parser(
         commands,
         "install-udf",
         examples=(f"{PROG} install-udf --config configs/azure.yaml",),
         notes=STORES,
     )
-    _config_arguments(udf)
+    config_arguments(udf)
     return parser
 
 

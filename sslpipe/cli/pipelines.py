@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sslpipe.cli.commands import config_arguments
 from sslpipe.core.config import ConfigError, PipelineConfig, load_config
 from sslpipe.core.io import read_json
 
@@ -75,15 +76,7 @@ def build_parser(prog: str = "execute.py") -> argparse.ArgumentParser:
         "azureml submits the same pipeline to an Azure ML workspace, or with --dry-run writes "
         "and validates its YAML",
     )
-    parser.add_argument("--config", type=Path, help="YAML file with configuration values")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one configuration value (repeatable)",
-    )
+    config_arguments(parser)
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -194,19 +187,22 @@ def run_local(pipeline: str, config: PipelineConfig, args: argparse.Namespace) -
     from sslpipe.models.registry import configure_tracking
 
     graph = PipelineGraph.from_pipeline_job(PIPELINES[pipeline](config))
-    library = library_dir()
     environment = _mlflow_environment(config)
     # Registry references, the registry and cached weights are resolved as the run sees them.
     live_state = project_live_state()
-    if args.dry_run:
-        executor = LocalExecutor(
+
+    def local_executor() -> LocalExecutor:
+        return LocalExecutor(
             config.workspace_dir,
             force_rerun=args.force_rerun,
             env=environment,
-            library_paths=[library],
+            library_paths=[library_dir()],
             echo=_echo,
             live_state=live_state,
         )
+
+    if args.dry_run:
+        executor = local_executor()
         for step in executor.plan(graph):
             _print_plan_step(step)
         return 0
@@ -228,14 +224,7 @@ def run_local(pipeline: str, config: PipelineConfig, args: argparse.Namespace) -
             "SSLPIPE_RUN_ID": run_id,
             "SSLPIPE_MLFLOW_PARENT_RUN_ID": parent.info.run_id,
         }
-        executor = LocalExecutor(
-            config.workspace_dir,
-            force_rerun=args.force_rerun,
-            env=environment,
-            library_paths=[library],
-            echo=_echo,
-            live_state=live_state,
-        )
+        executor = local_executor()
         try:
             record = executor.resume(run_id) if args.resume else executor.run(graph, run_id=run_id)
         except StepFailedError as err:

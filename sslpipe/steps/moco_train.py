@@ -50,9 +50,7 @@ from sslpipe.models.moco.train import knn_monitor, monitor_images, train_epoch
 from sslpipe.models.registry import configure_tracking, download_model, register_backbone
 from sslpipe.models.training import distributed, retrain_guard, tracking
 from sslpipe.models.training.scaffold import (
-    CHECKPOINT_FILE as CHECKPOINT_FILE,  # re-exported: the checkpoint's name in the folder
-)
-from sslpipe.models.training.scaffold import (
+    CHECKPOINT_FILE,
     Checkpoint,
     TrainingState,
     check_process_count,
@@ -416,3 +414,12 @@ def _lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
         for k, v in lineage.items()
         if v is not None
     }
+
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "RESUMABLE_CHANGES",
+    "EpochCallback",
+    "MocoState",
+    "run_moco_train",
+]
